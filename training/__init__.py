@@ -1,0 +1,1 @@
+"""Training loop, data and checkpoints for dlax (imported as `dlax_training`)."""
