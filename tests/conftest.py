@@ -1,0 +1,36 @@
+"""Test-wide setup: float64 references (`jax_enable_x64`), a reproducible per-test `rng`, markers.
+
+With x64 enabled globally, every test array must be created with an explicit dtype.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
+
+
+def _seed(item) -> int:
+  return zlib.crc32(item.nodeid.encode())
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+  """`np.random.default_rng(seed)`, seed = crc32 of the test node id (stable across runs)."""
+  return np.random.default_rng(_seed(request.node))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  report = yield
+  if report.failed and "rng" in getattr(item, "fixturenames", ()):
+    report.sections.append(("rng", f"np.random.default_rng({_seed(item)})"))
+  return report
