@@ -8,9 +8,10 @@ rebuilt from its graph definition inside (`nnx.split` / `nnx.merge`).
 from __future__ import annotations
 
 import argparse
+import ast
 import codecs
-import dataclasses
-import this  # The Zen of Python (PSF licence), rot13-encoded in the standard library.
+import importlib.util
+import pathlib
 import time
 
 import jax
@@ -20,12 +21,19 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from dlax.models import LanguageModel, preset
+from dlax.models import LanguageModel, tiny_config
 
 
 def embedded_text() -> bytes:
-  """A small default corpus that ships with every Python: the Zen of Python."""
-  return codecs.decode(this.s, "rot13").encode("utf-8")
+  """A small default corpus that ships with every Python: the Zen of Python (PSF licence).
+
+  It is stored rot13-encoded in the standard library's `this.py`; read it without importing the
+  module (which would print it).
+  """
+  source = pathlib.Path(importlib.util.find_spec("this").origin).read_text()
+  literal = next(node.value for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.Assign) and node.targets[0].id == "s")
+  return codecs.decode(ast.literal_eval(literal), "rot13").encode("utf-8")
 
 
 def batches(data: np.ndarray, batch_size: int, seq_len: int, seed: int):
@@ -63,7 +71,7 @@ def main(argv=None) -> float:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
 
-  config = preset(f"{args.mixer}-tiny")
+  config = tiny_config(args.mixer)
   model = LanguageModel(config, rngs=nnx.Rngs(args.seed))
   graphdef, params = nnx.split(model)
   optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(

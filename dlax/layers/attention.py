@@ -1,0 +1,115 @@
+"""Causal softmax attention with RoPE, grouped-query heads and a KV cache."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlax.layers.initializers import dense
+from dlax.layers.norms import RMSNorm
+
+
+class KVCache(NamedTuple):
+  k: jax.Array   # [B, Tmax, KV, hd]
+  v: jax.Array   # [B, Tmax, KV, hd]
+
+
+def apply_rope(x, positions, *, theta: float):
+  """Rotary embedding, rotate-half form. x `[B, T, H, hd]`, positions `[T]` int.
+
+  Angles are computed in at least fp32; returns x's dtype.
+  """
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=acc) / half)             # [hd/2]
+  angles = positions.astype(acc)[:, None] * inv_freq                     # [T, hd/2]
+  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]          # [T, 1, hd/2]
+  x1, x2 = jnp.split(x.astype(acc), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def causal_attention(q, k, v, q_positions, k_positions):
+  """Softmax attention where query i sees keys with `k_pos ≤ q_pos`; softmax in at least fp32.
+
+  Args:
+    q: `[B, T, H, hd]`. k, v: `[B, S, KV, hd]` with H a multiple of KV (grouped-query).
+    q_positions: `[T]` int. k_positions: `[S]` int.
+
+  Returns:
+    `[B, T, H, hd]` in q's dtype.
+  """
+  b, t, h, hd = q.shape
+  kv = k.shape[2]
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  q = q.reshape(b, t, kv, h // kv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=acc) * hd ** -0.5
+  mask = k_positions[None, :] <= q_positions[:, None]                    # [T, S]
+  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=acc)
+  return out.reshape(b, t, h, hd).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention with RoPE and GQA: `[B, T, d] -> [B, T, d]`."""
+
+  def __init__(self, d_model: int, *, num_heads: int = 16, num_kv_heads: int = 16,
+               head_dim: int = 96, rope_theta: float = 5e5, qk_norm: bool = False,
+               init_std: float = 0.02, norm_eps: float = 1e-6, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"Attention: num_heads {num_heads} is not divisible by num_kv_heads "
+                       f"{num_kv_heads}")
+    if head_dim % 2:
+      raise ValueError(f"Attention: RoPE needs an even head_dim, got {head_dim}")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.rope_theta = rope_theta
+    kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = dense(d_model, num_heads * head_dim, **kw)
+    self.k_proj = dense(d_model, num_kv_heads * head_dim, **kw)
+    self.v_proj = dense(d_model, num_kv_heads * head_dim, **kw)
+    self.o_proj = dense(num_heads * head_dim, d_model, **kw)
+    norm = lambda: RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype)
+    self.q_norm = norm() if qk_norm else None
+    self.k_norm = norm() if qk_norm else None
+
+  def init_cache(self, batch_size: int, max_len: int, dtype) -> KVCache:
+    shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def __call__(self, x, *, cache: KVCache | None = None, pos=None,
+               return_metrics: bool = False):
+    """x `[B, T, d]` -> (y `[B, T, d]`, cache after this call), plus `{}` (no metrics) when
+    `return_metrics`.
+
+    x holds positions `pos .. pos+T−1` (pos: int32 scalar, default 0). With `cache=None` it
+    attends to itself only and the returned cache holds its T keys and values; with a cache
+    (length Tmax) it is written at `pos` and queries attend to every cached key up to their own
+    position (pos is then the number of tokens already cached).
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    start = jnp.zeros((), jnp.int32) if pos is None else jnp.asarray(pos, jnp.int32)
+    positions = start + jnp.arange(t, dtype=jnp.int32)
+    q = apply_rope(q, positions, theta=self.rope_theta)
+    k = apply_rope(k, positions, theta=self.rope_theta)
+
+    if cache is None:
+      new_cache = KVCache(k=k, v=v)
+    else:
+      zero = jnp.zeros((), jnp.int32)
+      index = (zero, start, zero, zero)
+      write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), index)
+      new_cache = KVCache(k=write(cache.k, k), v=write(cache.v, v))
+    k_positions = positions if cache is None else jnp.arange(cache.k.shape[1], dtype=jnp.int32)
+    o = causal_attention(q, new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype), positions,
+                         k_positions)
+    y = self.o_proj(o.reshape(b, t, -1))
+    return (y, new_cache, {}) if return_metrics else (y, new_cache)

@@ -1,0 +1,13 @@
+"""Language models built from `dlax.layers`: configs, presets and `LanguageModel`."""
+
+from dlax.models.block import Block, make_mixer
+from dlax.models.config import (MIXERS, MULTISTATE_MIXERS, PRESETS, AttentionConfig, DLAConfig,
+                                GatedDeltaNetConfig, LogLinearConfig, Mamba2Config, ModelConfig,
+                                paper_config, tiny_config)
+from dlax.models.lm import LanguageModel, ModelCache
+
+__all__ = [
+    "MIXERS", "MULTISTATE_MIXERS", "PRESETS", "AttentionConfig", "Block", "DLAConfig",
+    "GatedDeltaNetConfig", "LanguageModel", "LogLinearConfig", "Mamba2Config", "ModelCache",
+    "ModelConfig", "make_mixer", "paper_config", "tiny_config",
+]
