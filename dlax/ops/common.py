@@ -25,6 +25,16 @@ def _fail(op: str, message: str):
   raise ValueError(f"{op}: {message}")
 
 
+def default_scale(q, scale: float | None) -> float:
+  """fla's convention: `Dk ** -0.5` unless given."""
+  return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def require_beta(op: str, beta) -> None:
+  if beta is None:
+    _fail(op, "beta ([B, T, H] write strength) is required; use ssd for the scalar-gated rule")
+
+
 def check_impl(op: str, impl: str) -> None:
   if impl not in IMPLS:
     _fail(op, f"impl must be one of {IMPLS}, got {impl!r}")

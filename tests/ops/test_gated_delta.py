@@ -47,6 +47,13 @@ class TestGatedDelta(OpAcceptance):
     with pytest.raises(ValueError, match="gated_delta: beta must be floating point"):
       self.spec(x)
 
+  def test_missing_beta_raises(self, rng):
+    x = self.spec.inputs(rng, 2, 7, 2, 3, 4)
+    with pytest.raises(ValueError, match="gated_delta: beta .* is required"):
+      gated_delta(x.q, x.k, x.v, x.g, None)
+    with pytest.raises(ValueError, match="gated_delta_step: beta .* is required"):
+      gated_delta_step(x.q[:, 0], x.k[:, 0], x.v[:, 0], x.g[:, 0], None)
+
   def test_attention_matrix_is_transported_keys(self, rng):
     """`A[t,s] = scale β_s q_tᵀ Φ_{s→t} k_s` with Φ the product of the per-token transitions
     `α_r (I − β_r k_r k_rᵀ)`, built explicitly in numpy."""

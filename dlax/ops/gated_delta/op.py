@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dlax.ops.common import Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs
+from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs,
+                             default_scale, require_beta)
 from dlax.ops.gated_delta.chunked import gated_delta_chunked
 from dlax.ops.gated_delta.naive import (gated_delta_masked, gated_delta_recurrent,
                                         gated_delta_step_reference)
-
-
-def _default_scale(q, scale):
-  return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def gated_delta(q, k, v, g, beta, *, scale: float | None = None, initial_state=None,
@@ -33,9 +30,10 @@ def gated_delta(q, k, v, g, beta, *, scale: float | None = None, initial_state=N
     (o `[B, T, H, Dv]` in v's dtype, final state `[B, H, Dk, Dv]` in fp32, or fp64 for fp64 inputs).
   """
   check_impl("gated_delta", impl)
+  require_beta("gated_delta", beta)
   check_chunk_size("gated_delta", chunk_size)
   check_inputs("gated_delta", q, k, v, g, beta=beta, initial_state=initial_state)
-  scale = _default_scale(q, scale)
+  scale = default_scale(q, scale)
   if impl == "recurrent":
     return gated_delta_recurrent(q, k, v, g, beta, scale=scale, initial_state=initial_state)
   if impl == "masked":
@@ -47,10 +45,11 @@ def gated_delta(q, k, v, g, beta, *, scale: float | None = None, initial_state=N
 def gated_delta_step(q, k, v, g, beta, state=None, *, scale: float | None = None):
   """Single-token decode step. q, k `[B, H, Dk]`, v `[B, H, Dv]`, g, beta `[B, H]`,
   state `[B, H, Dk, Dv]` or None (zeros). Returns (o `[B, H, Dv]` in v's dtype, new state)."""
+  require_beta("gated_delta_step", beta)
   check_inputs("gated_delta_step", q, k, v, g, beta=beta, initial_state=state, step=True)
   acc = accumulator_dtype(q, k, v, g, beta, state)
   if state is None:
     state = jnp.zeros((*q.shape, v.shape[-1]), acc)
   o, state = gated_delta_step_reference(q, k, v, g, beta, state.astype(acc),
-                                        scale=_default_scale(q, scale))
+                                        scale=default_scale(q, scale))
   return o.astype(v.dtype), state

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dlax.ops.common import Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs
+from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs,
+                             default_scale)
 from dlax.ops.ssd.chunked import ssd_chunked
 from dlax.ops.ssd.naive import ssd_masked, ssd_recurrent, ssd_step_reference
-
-
-def _default_scale(q, scale):
-  return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def ssd(q, k, v, g, *, scale: float | None = None, initial_state=None, chunk_size: int = 64,
@@ -30,7 +27,7 @@ def ssd(q, k, v, g, *, scale: float | None = None, initial_state=None, chunk_siz
   check_impl("ssd", impl)
   check_chunk_size("ssd", chunk_size)
   check_inputs("ssd", q, k, v, g, initial_state=initial_state)
-  scale = _default_scale(q, scale)
+  scale = default_scale(q, scale)
   if impl == "recurrent":
     return ssd_recurrent(q, k, v, g, scale=scale, initial_state=initial_state)
   if impl == "masked":
@@ -45,5 +42,5 @@ def ssd_step(q, k, v, g, state=None, *, scale: float | None = None):
   acc = accumulator_dtype(q, k, v, g, state)
   if state is None:
     state = jnp.zeros((*q.shape, v.shape[-1]), acc)
-  o, state = ssd_step_reference(q, k, v, g, state.astype(acc), scale=_default_scale(q, scale))
+  o, state = ssd_step_reference(q, k, v, g, state.astype(acc), scale=default_scale(q, scale))
   return o.astype(v.dtype), state
