@@ -1,4 +1,4 @@
-"""Gated DeltaNet mixer on top of a `MultiStateCore`: the gated delta rule, Log-Linear GDN or DLA."""
+"""Gated DeltaNet mixer on a `MultiStateCore`: the gated delta rule, Log-Linear GDN or DLA."""
 
 from __future__ import annotations
 

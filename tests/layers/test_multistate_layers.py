@@ -62,7 +62,7 @@ def test_lambda_parametrisation_at_init(rng, backbone, mode):
   np.testing.assert_array_equal(mixer.core.lam_scale[...], np.ones((h, k_lam)))
   w_lam = _lambda_kernel(mixer)
   assert w_lam.shape == (D_MODEL, h * k_lam)
-  assert abs(w_lam.std() - multistate.LAMBDA_INIT_STD) < 0.2 * multistate.LAMBDA_INIT_STD
+  assert abs(w_lam.std() - multistate.LAMBDA_INIT_STD) < 0.25 * multistate.LAMBDA_INIT_STD
   x = rng.normal(size=(3, 5, D_MODEL))                                  # unit-RMS inputs
   lam = np.asarray(mixer.core.readout_weights(jnp.asarray(x @ w_lam, jnp.float32)))
   assert lam.shape == (3, 5, h, k_lam)
