@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from dlax.ops.common import Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs
+from dlax.ops.dla.chunked import dla_chunked
 from dlax.ops.dla.naive import cast_cache, dla_masked, dla_recurrent, dla_step_reference
 from dlax.ops.dla.types import DLACache, DLADecisions
 
@@ -72,23 +73,12 @@ def _check_segment_ids(op: str, segment_ids, b: int, t: int) -> None:
     _fail(op, f"segment_ids must be integer, got {segment_ids.dtype}")
 
 
-def _chunked():
-  """Lazily imports the chunked backend (kept separate so the references never depend on it)."""
-  try:
-    from dlax.ops.dla.chunked import dla_chunked  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    if e.name != "dlax.ops.dla.chunked":
-      raise
-    raise NotImplementedError("dla_attention: impl='chunked' is not available yet; "
-                              "use impl='recurrent' or impl='masked'") from e
-  return dla_chunked
-
-
 def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
                   chunk_size: int = 64, scale: float = 1.0, score_ref: str = "open",
                   eps: float = 1e-6, eps_r: float = 1e-6, initial_cache: DLACache | None = None,
                   segment_ids=None, decisions: DLADecisions | None = None,
-                  return_cache: bool = False, return_aux: bool = False, impl: Impl = "chunked"):
+                  return_cache: bool = False, return_aux: bool = False, impl: Impl = "chunked",
+                  remat_every: int = 8):
   """Dynamic Linear Attention over a sequence (spec dla.md §4.6, §5.1).
 
   Args:
@@ -104,6 +94,8 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     decisions: optional `DLADecisions` (`[B, T, H]` fields) forcing boundaries and merges.
     return_cache, return_aux: also return the final `DLACache` / the `DLADecisions` record.
     impl: "chunked", "recurrent" (oracle) or "masked" (O(T²) reference).
+    remat_every: chunked only; chunks per `jax.checkpoint` group (§7.3): the backward pass
+      keeps one cache per group and recomputes the chunks inside it.
 
   Returns:
     o `[B, T, H, Dv]` in v's dtype, followed by the cache and/or aux when requested, in that
@@ -134,8 +126,8 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
   elif impl == "recurrent":
     o, cache, aux = dla_recurrent(q, k, v, g, lam, beta, initial_cache=initial_cache, **options)
   else:
-    o, cache, aux = _chunked()(q, k, v, g, lam, beta, chunk_size=chunk_size,
-                               initial_cache=initial_cache, **options)
+    o, cache, aux = dla_chunked(q, k, v, g, lam, beta, chunk_size=chunk_size,
+                                initial_cache=initial_cache, remat_every=remat_every, **options)
   outputs = (o,) + ((cache,) if return_cache else ()) + ((aux,) if return_aux else ())
   return outputs[0] if len(outputs) == 1 else outputs
 
