@@ -788,3 +788,25 @@ def test_bad_step_inputs_raise(rng, name):
   args, kwargs = mutate(args, {})
   with pytest.raises(ValueError, match=f"dla_step: {pattern}"):
     dla_step(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_debug_mode_rejects_illegal_injected_merges(rng, backbone):
+  """§5.4: with debug=True, recorded decisions pass; a merge on a non-full cache, a missing merge
+  on a full one, and a non-boundary on an empty cache are rejected with the offending token."""
+  x, lam = make_inputs(rng, 1, 24, 2, 4, 3, 3, backbone=backbone)
+  args = (x.q, x.k, x.v, x.g, lam, x.beta)
+  _, aux = dla_attention(*args, tau=0.3, capacity=3, impl="recurrent", return_aux=True)
+  merges = np.argwhere(np.asarray(aux.merge_idx) >= 0)
+  assert len(merges), f"no capacity merge occurred; seed={seed_of(rng)}"
+  dla_attention(*args, tau=0.3, capacity=3, impl="recurrent", decisions=aux, debug=True)
+
+  b_, t_, h_ = merges[0]
+  missing = aux._replace(merge_idx=aux.merge_idx.at[b_, t_, h_].set(-1))
+  early = aux._replace(boundary=aux.boundary.at[0, 1, 0].set(True),
+                       merge_idx=aux.merge_idx.at[0, 1, 0].set(0))
+  empty = aux._replace(boundary=aux.boundary.at[0, 0, 1].set(False))
+  for bad, where in ((missing, f"token {t_}, head {h_}"), (early, "token 1, head 0"),
+                     (empty, "token 0, head 1")):
+    with pytest.raises(ValueError, match=f"illegal injected decision at batch 0, {where}"):
+      dla_attention(*args, tau=0.3, capacity=3, impl="chunked", decisions=bad, debug=True)

@@ -6,9 +6,12 @@ and `impl="chunked"` (the default) the chunk-parallel algorithm of §7 in `dlax.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dlax.ops.common import Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs
+from dlax.ops.dla.bookkeeping import replay_blocks, segment_resets
 from dlax.ops.dla.chunked import dla_chunked
 from dlax.ops.dla.naive import cast_cache, dla_masked, dla_recurrent, dla_step_reference
 from dlax.ops.dla.types import DLACache, DLADecisions
@@ -66,6 +69,29 @@ def _check_decisions(op: str, decisions, shape: tuple[int, ...], name: str = "de
     _fail(op, f"{name}.merge_idx must be integer, got {decisions.merge_idx.dtype}")
 
 
+def _check_decisions_legal(op: str, decisions: DLADecisions, capacity: int, segment_ids,
+                           initial_cache: DLACache | None) -> None:
+  """Debug mode (§5.4): an injected boundary must be set on an empty cache, and an injected merge
+  must happen iff b_t = 1 and the cache is full, at an adjacent pair 0..K−2."""
+  arrays = (decisions.boundary, decisions.merge_idx, segment_ids,
+            *(() if initial_cache is None else (initial_cache.m,)))
+  if any(isinstance(a, jax.core.Tracer) for a in arrays if a is not None):
+    _fail(op, "debug=True checks the injected decisions eagerly; call it outside jit/vmap")
+  cache = {} if initial_cache is None else dict(
+      lo0=initial_cache.lo, m0=initial_cache.m, pos0=initial_cache.pos)
+  _, _, boundary, merge_idx = replay_blocks(
+      decisions.boundary, decisions.merge_idx, capacity=capacity,
+      resets=None if segment_ids is None else segment_resets(segment_ids), **cache)
+  given_b, given_idx = np.asarray(decisions.boundary, bool), np.asarray(decisions.merge_idx)
+  bad = (given_b != np.asarray(boundary)) | (given_idx != np.asarray(merge_idx))
+  if bad.any():
+    b_, t_, h_ = (int(i[0]) for i in np.nonzero(bad))
+    _fail(op, f"illegal injected decision at batch {b_}, token {t_}, head {h_}: boundary="
+          f"{bool(given_b[b_, t_, h_])}, merge_idx={int(given_idx[b_, t_, h_])}; a merge "
+          f"(0..K−2) must happen iff the token is a boundary and the cache holds K={capacity} "
+          "slots, and a token meeting an empty cache must be a boundary")
+
+
 def _check_segment_ids(op: str, segment_ids, b: int, t: int) -> None:
   if segment_ids.shape != (b, t):
     _fail(op, f"segment_ids must have shape {(b, t)} ([B, T]), got {segment_ids.shape}")
@@ -78,7 +104,7 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
                   eps: float = 1e-6, eps_r: float = 1e-6, initial_cache: DLACache | None = None,
                   segment_ids=None, decisions: DLADecisions | None = None,
                   return_cache: bool = False, return_aux: bool = False, impl: Impl = "chunked",
-                  remat_every: int = 8):
+                  remat_every: int = 8, debug: bool = False):
   """Dynamic Linear Attention over a sequence (spec dla.md §4.6, §5.1).
 
   Args:
@@ -96,6 +122,7 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     impl: "chunked", "recurrent" (oracle) or "masked" (O(T²) reference).
     remat_every: chunked only; chunks per `jax.checkpoint` group (§7.3): the backward pass
       keeps one cache per group and recomputes the chunks inside it.
+    debug: check eagerly that injected `decisions` are legal (§5.4) instead of legalising them.
 
   Returns:
     o `[B, T, H, Dv]` in v's dtype, followed by the cache and/or aux when requested, in that
@@ -114,6 +141,8 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     _check_cache(op, initial_cache, b, h, capacity, dk, v.shape[-1])
   if decisions is not None:
     _check_decisions(op, decisions, (b, t, h))
+    if debug:
+      _check_decisions_legal(op, decisions, capacity, segment_ids, initial_cache)
   options = dict(tau=tau, capacity=capacity, scale=scale, score_ref=score_ref, eps=eps,
                  eps_r=eps_r, segment_ids=segment_ids, decisions=decisions)
 
