@@ -810,3 +810,71 @@ def test_debug_mode_rejects_illegal_injected_merges(rng, backbone):
                      (empty, "token 0, head 1")):
     with pytest.raises(ValueError, match=f"illegal injected decision at batch 0, {where}"):
       dla_attention(*args, tau=0.3, capacity=3, impl="chunked", decisions=bad, debug=True)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_straight_through_decision_grad(rng, backbone):
+  """§4.3 "straight_through" (masked reference): the forward equals the hard one, λ-gradients are
+  unchanged, and the extra input gradient is Σ_u ∂L/∂b_u · σ′ · ∂I_u/∂x with the spec's
+  ∂L/∂b_u = Σ_{t≥u} Σ_{s<u, s in the open block at u−1} ∂L/∂Λ[t,s] (λ_{t,r₀+1} − λ_{t,r₀})."""
+  from dlax.ops.dla.naive import base_attention_matrix, dla_recurrent
+  tau, temp, cap, t = 0.45, 0.1, 3, 12
+  x, lam = make_inputs(rng, 1, t, 2, 3, 3, 3, backbone=backbone)
+  d_out = jnp.asarray(rng.standard_normal(x.v.shape), jnp.float64)
+  inputs = (x.q, x.k, x.v, x.g, x.beta)
+
+  def loss(inputs, lam, mode):
+    o = dla_attention(*inputs[:4], lam, inputs[4], tau=tau, capacity=cap, impl="masked",
+                      decision_grad=mode, temperature=temp)
+    return jnp.sum(o * d_out), o
+
+  (l_st, o_st), g_st = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(inputs, lam,
+                                                                          "straight_through")
+  (l_hard, o_hard), g_hard = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(inputs, lam,
+                                                                              "none")
+  msg = f"seed={seed_of(rng)}"
+  np.testing.assert_array_equal(o_st, o_hard, err_msg=msg)
+  assert_close(g_st[1], g_hard[1], 1e-12, msg)
+
+  # The spec's ∂L/∂b_u, by explicit loops over the recorded history.
+  def scores(inputs):
+    _, _, rec = dla_recurrent(*inputs[:4], lam, inputs[4], tau=tau, capacity=cap, scale=1.0,
+                              score_grad=True)
+    return rec.score, rec
+
+  score, vjp, rec = jax.vjp(scores, inputs, has_aux=True)
+  lo_t, m_t, boundary, _ = replay_blocks(rec.boundary, rec.merge_idx, capacity=cap)
+  rank = np.asarray(rank_matrix(lo_t, m_t))[0]                                # [H, T, T]
+  a_base = np.asarray(base_attention_matrix(x.q, x.k, x.g, x.beta, scale=1.0))[0]
+  d_lam_matrix = a_base * np.einsum("thv,shv->hts", np.asarray(d_out)[0], np.asarray(x.v)[0])
+  lam_np, b_np = np.asarray(lam)[0], np.asarray(boundary)[0]
+  lo_np, m_np = np.asarray(lo_t)[0], np.asarray(m_t)[0]
+  clip = lambda r: min(max(r, 0), lam_np.shape[-1] - 1)
+  d_b = np.zeros((t, 2))
+  for h in range(2):
+    for u in range(1, t):
+      open_lo = lo_np[u - 1, h, m_np[u - 1, h] - 1]
+      for tt in range(u, t):
+        for s in range(open_lo, u):
+          r0 = rank[h, tt, s] - int(b_np[u, h])
+          d_b[u, h] += d_lam_matrix[h, tt, s] * (lam_np[tt, h, clip(r0 + 1)]
+                                                  - lam_np[tt, h, clip(r0)])
+  assert np.abs(d_b).max() > 0, msg
+  p = jax.nn.sigmoid((score - tau) / temp)
+  (extra,) = vjp(jnp.asarray(d_b[None], jnp.float64) * p * (1 - p) / temp)
+  for name, a, h, e in zip("q k v g beta".split(), g_st[0], g_hard[0], extra):
+    if a is None:
+      continue
+    if np.linalg.norm(e) == 0:       # e.g. q, which no score reads
+      assert np.linalg.norm(a - h) <= 1e-12 * np.linalg.norm(h), f"{name}: {msg}"
+    else:
+      assert_close(a - h, e, 1e-8, f"{name}: {msg}")
+
+
+def test_decision_grad_options_are_checked(rng):
+  x, lam = make_inputs(rng, 1, 5, 1, 2, 2, 2, backbone="mamba2")
+  args = (x.q, x.k, x.v, x.g, lam)
+  with pytest.raises(ValueError, match="decision_grad must be one of"):
+    dla_attention(*args, capacity=2, impl="masked", decision_grad="soft")
+  with pytest.raises(ValueError, match="exists only in the O\\(T²\\) masked reference"):
+    dla_attention(*args, capacity=2, impl="chunked", decision_grad="straight_through")

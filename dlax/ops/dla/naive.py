@@ -52,13 +52,15 @@ def _slot(states, index):
   return jnp.take_along_axis(states, index, axis=2)[:, :, 0]
 
 
-def _score(prev_states, states, c, m, *, score_ref, eps, eps_r):
-  """Information score `[B, H]` under `stop_gradient` (meaningless where m = 0).
+def _score(prev_states, states, c, m, *, score_ref, eps, eps_r, differentiable=False):
+  """Information score `[B, H]`, under `stop_gradient` unless `differentiable` (the
+  straight-through relaxation needs ∂I/∂inputs); meaningless where m = 0.
 
   "open": I(R + c, R) with R the transitioned open slot. "total": I(A_t(Y) + c, Y) with Y the
   base state before the step (the sum of all slots).
   """
-  prev_states, states, c = jax.lax.stop_gradient((prev_states, states, c))
+  if not differentiable:
+    prev_states, states, c = jax.lax.stop_gradient((prev_states, states, c))
   if score_ref == "open":
     ref = _slot(states, m - 1)
     new = ref + c
@@ -95,7 +97,8 @@ def cast_cache(cache: DLACache, dtype) -> DLACache:
 
 
 def dla_step_reference(q, k, v, g, lam, cache: DLACache, beta=None, *, tau, scale: float,
-                       score_ref: str, eps: float, eps_r: float, decision=None):
+                       score_ref: str, eps: float, eps_r: float, decision=None,
+                       score_grad: bool = False):
   """One token of §4.6 for every (batch, head).
 
   Args:
@@ -115,7 +118,8 @@ def dla_step_reference(q, k, v, g, lam, cache: DLACache, beta=None, *, tau, scal
 
   states = _transition(cache.S, k, g, beta)
   c = _write(k, v, beta)
-  score = _score(cache.S, states, c, cache.m, score_ref=score_ref, eps=eps, eps_r=eps_r)
+  score = _score(cache.S, states, c, cache.m, score_ref=score_ref, eps=eps, eps_r=eps_r,
+                 differentiable=score_grad)
   score = jnp.where(cache.m == 0, jnp.asarray(tau, acc), score)
   if decision is None:
     boundary = score >= tau
@@ -142,7 +146,8 @@ def dla_step_reference(q, k, v, g, lam, cache: DLACache, beta=None, *, tau, scal
 
 def dla_recurrent(q, k, v, g, lam, beta=None, *, tau, capacity: int, scale: float,
                   score_ref: str = "open", eps: float = 1e-6, eps_r: float = 1e-6,
-                  initial_cache: DLACache | None = None, segment_ids=None, decisions=None):
+                  initial_cache: DLACache | None = None, segment_ids=None, decisions=None,
+                  score_grad: bool = False):
   """Token-by-token `lax.scan` of `dla_step_reference` (the oracle).
 
   Args:
@@ -151,6 +156,7 @@ def dla_recurrent(q, k, v, g, lam, beta=None, *, tau, capacity: int, scale: floa
     segment_ids: optional `[B, T]`; the cache is emptied before a token whose id differs from
       the previous token's.
     decisions: optional `DLADecisions` of `[B, T, H]` arrays forcing boundaries and merges.
+    score_grad: let gradients flow into the recorded scores (decisions stay hard).
 
   Returns:
     (o `[B, T, H, Dv]` in v's dtype, final `DLACache`, `DLADecisions` of `[B, T, H]` arrays).
@@ -167,7 +173,7 @@ def dla_recurrent(q, k, v, g, lam, beta=None, *, tau, capacity: int, scale: floa
     cache = reset_cache(cache, reset)
     o, cache, record = dla_step_reference(q, k, v, g, lam, cache, beta, tau=tau, scale=scale,
                                           score_ref=score_ref, eps=eps, eps_r=eps_r,
-                                          decision=decision)
+                                          decision=decision, score_grad=score_grad)
     return cache, (o, record)
 
   time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
@@ -184,31 +190,81 @@ def base_attention_matrix(q, k, g, beta=None, *, scale: float):
   return gated_delta_attention_matrix(q, k, g, beta, scale=scale)
 
 
+def straight_through_lambda(lam, rank, lo_t, m_t, boundary, score, resets=None, *, tau,
+                           temperature: float):
+  """`Λ` plus a zero-valued term whose gradient is the straight-through relaxation of §4.3.
+
+  Each boundary b_u is read as `p_u = σ((I_u − τ)/temperature)`, and every pair (t, s) with
+  s < u ≤ t whose s lies in the open block at time u−1 (the block u joins when b_u = 0) gets the
+  relaxed rank `r₀ + b_u`, r₀ = rank_t(s) − b_u. So `∂L/∂b_u = Σ_{t,s} ∂L/∂Λ[t,s] ·
+  (λ_{t, r₀+1} − λ_{t, r₀})`, passed to I_u through p_u.
+
+  Args:
+    lam: `[B, T, H, Kλ]`. rank: `[B, H, T, T]` hard ranks. lo_t, m_t: `[B, T, H, K]`, `[B, T, H]`
+      layouts after each step (`replay_blocks`). boundary: `[B, T, H]` hard decisions.
+    score: `[B, T, H]` differentiable scores I_u. resets: optional `[B, T]` segment starts.
+
+  Returns:
+    `[B, H, T, T]`, equal in value to `lam_matrix(lam, rank)`.
+  """
+  t = rank.shape[-1]
+  b_u = jnp.moveaxis(boundary, 1, 2).astype(lam.dtype)                      # [B, H, U]
+  p_u = jax.nn.sigmoid((jnp.moveaxis(score, 1, 2) - tau) / temperature)
+  delta = p_u - jax.lax.stop_gradient(p_u)                                   # 0 in value
+  # Start of the open block at time u−1 (none for u = 0 or a segment start).
+  open_lo = jnp.take_along_axis(lo_t, jnp.maximum(m_t - 1, 0)[..., None], axis=-1)[..., 0]
+  open_lo = jnp.moveaxis(jnp.pad(open_lo[:, :-1], ((0, 0), (1, 0), (0, 0)),
+                                 constant_values=t), 1, 2)                   # [B, H, U]
+  if resets is not None:
+    open_lo = jnp.where(resets[:, None], t, open_lo)
+  u, tt, ss = (jnp.arange(t).reshape(shape) for shape in ((t, 1, 1), (1, t, 1), (1, 1, t)))
+  pairs = ((ss < u) & (u <= tt))[None, None] & (open_lo[..., None, None] <= ss)  # [B,H,U,T,S]
+  joined = jnp.einsum("bhu,bhuts->bhts", delta * (1 - b_u), pairs.astype(lam.dtype))
+  opened = jnp.einsum("bhu,bhuts->bhts", delta * b_u, pairs.astype(lam.dtype))
+  step_up = lambda r: lam_matrix(lam, r + 1) - lam_matrix(lam, r)            # λ_{r+1} − λ_r
+  return (lam_matrix(lam, rank) + joined * step_up(rank)
+          + opened * step_up(jnp.maximum(rank - 1, 0)))
+
+
 def dla_masked(q, k, v, g, lam, beta=None, *, tau, capacity: int, scale: float,
                score_ref: str = "open", eps: float = 1e-6, eps_r: float = 1e-6,
-               segment_ids=None, decisions=None):
+               segment_ids=None, decisions=None, decision_grad: str = "none",
+               temperature: float = 0.1):
   """O(T²) masked form `o = (A_base ⊙ Λ) V` with `Λ[t, s] = λ_{t, min(rank_t(s), Kλ−1)}` (§4.7).
 
   The rank maps are replayed from the decision history: the injected `decisions`, or those of
   `dla_recurrent` (run under `stop_gradient`). Entries across segments are zero. No initial
-  cache. Shapes as in `dla_recurrent`.
+  cache. Shapes as in `dla_recurrent`. `decision_grad="straight_through"` keeps the forward hard
+  and adds the relaxed-rank gradient of §4.3 (see `straight_through_lambda`), with
+  `p_u = σ((I_u − τ)/temperature)`.
 
   Returns:
     (o `[B, T, H, Dv]` in v's dtype, `DLADecisions` of `[B, T, H]` arrays; with injected
-    decisions its `score` echoes theirs).
+    decisions and `decision_grad="none"` its `score` echoes theirs).
   """
   acc = accumulator_dtype(q, k, v, g, lam, beta)
-  if decisions is None:
-    _, _, decisions = dla_recurrent(
-        *jax.lax.stop_gradient((q, k, v, g, lam, beta)), tau=tau, capacity=capacity,
-        scale=scale, score_ref=score_ref, eps=eps, eps_r=eps_r, segment_ids=segment_ids)
+  straight_through = decision_grad == "straight_through"
+  options = dict(tau=tau, capacity=capacity, scale=scale, score_ref=score_ref, eps=eps,
+                 eps_r=eps_r, segment_ids=segment_ids)
+  if straight_through:
+    _, _, decisions = dla_recurrent(q, k, v, g, lam, beta, decisions=decisions, score_grad=True,
+                                    **options)
+  elif decisions is None:
+    _, _, decisions = dla_recurrent(*jax.lax.stop_gradient((q, k, v, g, lam, beta)), **options)
   resets = None if segment_ids is None else segment_resets(segment_ids)
   lo_t, m_t, boundary, merge_idx = replay_blocks(
       decisions.boundary, decisions.merge_idx, capacity=capacity, resets=resets)
-  weights = (base_attention_matrix(q, k, g, beta, scale=scale)
-             * lam_matrix(lam.astype(acc), rank_matrix(lo_t, m_t)))
+  rank = rank_matrix(lo_t, m_t)
+  if straight_through:
+    lam_weights = straight_through_lambda(lam.astype(acc), rank, lo_t, m_t, boundary,
+                                          decisions.score, resets, tau=tau,
+                                          temperature=temperature)
+  else:
+    lam_weights = lam_matrix(lam.astype(acc), rank)
+  weights = base_attention_matrix(q, k, g, beta, scale=scale) * lam_weights
   if segment_ids is not None:
     weights = jnp.where(same_segment(segment_ids)[:, None], weights, 0)
   o = jnp.einsum("bhts,bshv->bthv", weights, v.astype(acc))
-  aux = DLADecisions(boundary, decisions.score.astype(acc), merge_idx, m_t)
+  aux = DLADecisions(boundary, jax.lax.stop_gradient(decisions.score).astype(acc), merge_idx,
+                     m_t)
   return o.astype(v.dtype), aux

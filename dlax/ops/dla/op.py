@@ -17,6 +17,7 @@ from dlax.ops.dla.naive import cast_cache, dla_masked, dla_recurrent, dla_step_r
 from dlax.ops.dla.types import DLACache, DLADecisions
 
 SCORE_REFS: tuple[str, ...] = ("open", "total")
+DECISION_GRADS: tuple[str, ...] = ("none", "straight_through")
 
 
 def _fail(op: str, message: str):
@@ -104,7 +105,8 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
                   eps: float = 1e-6, eps_r: float = 1e-6, initial_cache: DLACache | None = None,
                   segment_ids=None, decisions: DLADecisions | None = None,
                   return_cache: bool = False, return_aux: bool = False, impl: Impl = "chunked",
-                  remat_every: int = 8, debug: bool = False):
+                  remat_every: int = 8, debug: bool = False, decision_grad: str = "none",
+                  temperature: float = 0.1):
   """Dynamic Linear Attention over a sequence (spec dla.md §4.6, §5.1).
 
   Args:
@@ -123,6 +125,9 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     remat_every: chunked only; chunks per `jax.checkpoint` group (§7.3): the backward pass
       keeps one cache per group and recomputes the chunks inside it.
     debug: check eagerly that injected `decisions` are legal (§5.4) instead of legalising them.
+    decision_grad: "none" (hard decisions, no gradient; the library default) or
+      "straight_through" (impl="masked" only, for small ablations: hard forward, and the
+      relaxed-rank gradient of §4.3 with `p_u = σ((I_u − τ)/temperature)`).
 
   Returns:
     o `[B, T, H, Dv]` in v's dtype, followed by the cache and/or aux when requested, in that
@@ -146,11 +151,17 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
   options = dict(tau=tau, capacity=capacity, scale=scale, score_ref=score_ref, eps=eps,
                  eps_r=eps_r, segment_ids=segment_ids, decisions=decisions)
 
+  if decision_grad not in DECISION_GRADS:
+    _fail(op, f"decision_grad must be one of {DECISION_GRADS}, got {decision_grad!r}")
+  if decision_grad == "straight_through" and impl != "masked":
+    _fail(op, "decision_grad='straight_through' exists only in the O(T²) masked reference; "
+          "use impl='masked'")
   if impl == "masked":
     if initial_cache is not None or return_cache:
       _fail(op, "impl='masked' supports neither initial_cache nor return_cache; "
             "use impl='chunked' or impl='recurrent' for streaming")
-    o, aux = dla_masked(q, k, v, g, lam, beta, **options)
+    o, aux = dla_masked(q, k, v, g, lam, beta, decision_grad=decision_grad,
+                        temperature=temperature, **options)
     cache = None
   elif impl == "recurrent":
     o, cache, aux = dla_recurrent(q, k, v, g, lam, beta, initial_cache=initial_cache, **options)

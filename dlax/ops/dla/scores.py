@@ -21,14 +21,19 @@ def score_from_norms(a, b, x, *, size: int, eps: float, eps_r: float):
   return jnp.sqrt(jnp.maximum(d2, 0.0)) / (jnp.sqrt(b / rho_y) + eps)
 
 
+def _frobenius_norm(x):
+  """`‖x‖_F` over the last two axes, with a zero (not NaN) gradient at x = 0."""
+  sq = jnp.sum(x * x, axis=(-2, -1))
+  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
 def score_from_states(new, ref, *, eps: float, eps_r: float):
   """Matrix form (§4.2). new, ref `[..., Dk, Dv]` -> `[...]`."""
 
   def rms_map(s):
     return s / jnp.sqrt(jnp.mean(s * s, axis=(-2, -1), keepdims=True) + eps_r)
 
-  num = jnp.sqrt(jnp.sum((rms_map(new) - rms_map(ref)) ** 2, axis=(-2, -1)))
-  return num / (jnp.sqrt(jnp.sum(rms_map(ref) ** 2, axis=(-2, -1))) + eps)
+  return _frobenius_norm(rms_map(new) - rms_map(ref)) / (_frobenius_norm(rms_map(ref)) + eps)
 
 
 def open_slot_norms(open_sq, u_sq, u_dot_v, k_sq, v_sq, alpha, beta=None):
