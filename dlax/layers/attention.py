@@ -32,12 +32,14 @@ def apply_rope(x, positions, *, theta: float):
   return out.astype(x.dtype)
 
 
-def causal_attention(q, k, v, q_positions, k_positions):
+def causal_attention(q, k, v, q_positions, k_positions, kv_mask=None):
   """Softmax attention where query i sees keys with `k_pos ≤ q_pos`; softmax in at least fp32.
 
   Args:
     q: `[B, T, H, hd]`. k, v: `[B, S, KV, hd]` with H a multiple of KV (grouped-query).
     q_positions: `[T]` int. k_positions: `[S]` int.
+    kv_mask: optional `[B, S]` bool, False for keys no query may see (padding). A query that
+      sees no key at all attends uniformly to every key (its output is then meaningless).
 
   Returns:
     `[B, T, H, hd]` in q's dtype.
@@ -48,7 +50,9 @@ def causal_attention(q, k, v, q_positions, k_positions):
   q = q.reshape(b, t, kv, h // kv, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=acc) * hd ** -0.5
   mask = k_positions[None, :] <= q_positions[:, None]                    # [T, S]
-  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+  if kv_mask is not None:
+    mask = mask & kv_mask[:, None, None, None, :]                        # [B, 1, 1, T, S]
+  probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(acc).min), axis=-1)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=acc)
   return out.reshape(b, t, h, hd).astype(q.dtype)
 
@@ -80,7 +84,7 @@ class Attention(nnx.Module):
     shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
-  def __call__(self, x, *, cache: KVCache | None = None, pos=None,
+  def __call__(self, x, *, cache: KVCache | None = None, pos=None, kv_mask=None,
                return_metrics: bool = False):
     """x `[B, T, d]` -> (y `[B, T, d]`, cache after this call), plus `{}` (no metrics) when
     `return_metrics`.
@@ -88,8 +92,11 @@ class Attention(nnx.Module):
     x holds positions `pos .. pos+T−1` (pos: int32 scalar, default 0). With `cache=None` it
     attends to itself only and the returned cache holds its T keys and values; with a cache
     (length Tmax) it is written at `pos` and queries attend to every cached key up to their own
-    position (pos is then the number of tokens already cached).
+    position (pos is then the number of tokens already cached). `kv_mask` (`[B, T]` bool, only
+    without a cache) hides padded keys.
     """
+    if kv_mask is not None and cache is not None:
+      raise ValueError("Attention: kv_mask is supported without a cache only")
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -110,6 +117,6 @@ class Attention(nnx.Module):
       new_cache = KVCache(k=write(cache.k, k), v=write(cache.v, v))
     k_positions = positions if cache is None else jnp.arange(cache.k.shape[1], dtype=jnp.int32)
     o = causal_attention(q, new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype), positions,
-                         k_positions)
+                         k_positions, kv_mask)
     y = self.o_proj(o.reshape(b, t, -1))
     return (y, new_cache, {}) if return_metrics else (y, new_cache)

@@ -43,8 +43,10 @@ class Block(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype):
     return self.mixer.init_cache(batch_size, max_len, dtype)
 
-  def __call__(self, x, *, cache=None, pos=None, return_metrics: bool = False):
+  def __call__(self, x, *, cache=None, pos=None, kv_mask=None, return_metrics: bool = False):
+    """`kv_mask` (`[B, T]` bool, padding mask) is for attention mixers only."""
+    masking = {} if kv_mask is None else dict(kv_mask=kv_mask)
     y, cache, *metrics = self.mixer(self.mixer_norm(x), cache=cache, pos=pos,
-                                    return_metrics=return_metrics)
+                                    return_metrics=return_metrics, **masking)
     x = x + y
     return (x + self.mlp(self.mlp_norm(x)), cache, *metrics)

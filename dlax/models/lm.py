@@ -95,8 +95,10 @@ class LanguageModel(nnx.Module):
                                       keep_cache=True)
     return self._logits(x), ModelCache(layers=layers, pos=cache.pos + tokens.shape[1])
 
-  def _run_blocks(self, x, caches, pos, *, keep_cache: bool, return_metrics: bool = False):
-    """Scans the stacked blocks over x `[B, T, d]`; caches are stacked per layer (or None).
+  def _run_blocks(self, x, caches, pos, *, keep_cache: bool, return_metrics: bool = False,
+                  kv_mask=None):
+    """Scans the stacked blocks over x `[B, T, d]`; caches are stacked per layer (or None);
+    `kv_mask` (`[B, T]` bool) hides padded keys from attention.
 
     Returns (x, (new caches or None, metrics stacked per layer or {})).
     """
@@ -105,6 +107,7 @@ class LanguageModel(nnx.Module):
     def body(x, layer):
       layer_state, cache = layer
       x, cache, *metrics = nnx.merge(graphdef, layer_state)(x, cache=cache, pos=pos,
+                                                            kv_mask=kv_mask,
                                                             return_metrics=return_metrics)
       return x, (cache if keep_cache else None, metrics[0] if metrics else {})
 
