@@ -44,6 +44,12 @@ def merge_adjacent(x, merge_idx, *, axis: int = -1, combine: bool = True):
   return jnp.moveaxis(out.astype(x.dtype), -1, axis)
 
 
+def take_slot(x, index):
+  """`x[b, h, index[b, h]]` for `x [B, H, K, ...]` and `index [B, H]` (clipped to 0..K−1)."""
+  index = jnp.clip(index, 0, x.shape[2] - 1)
+  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=2)[:, :, 0]
+
+
 def legalize(boundary, merge_idx, m, capacity: int):
   """Makes (boundary, merge_idx) structurally valid for a cache holding `m` slots.
 

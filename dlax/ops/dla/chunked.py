@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from dlax.ops.common import accumulator_dtype, check_chunk_size, pad_time
 from dlax.ops.dla.bookkeeping import (advance_blocks, legalize, merge_adjacent, merge_index,
-                                      segment_resets)
+                                      segment_resets, take_slot)
 from dlax.ops.dla.chunk_math import ChunkMath, chunk_math, transport, weighted_read
 from dlax.ops.dla.naive import cast_cache
 from dlax.ops.dla.scores import open_slot_norms, open_slot_score, score_from_norms
@@ -85,12 +85,6 @@ class _Token(NamedTuple):
   merge_idx: jax.Array | None
 
 
-def _slot(x, index):
-  """`x[..., index]` along the slot axis 2 of `[B, H, K, ...]` with `index [B, H]` (clipped)."""
-  index = jnp.clip(index, 0, x.shape[2] - 1)
-  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=2)[:, :, 0]
-
-
 def _token_inputs(cfg: _Config, cm: ChunkMath, x: _Chunk, cache: DLACache) -> _Token:
   """Time-major `[C, ...]` bookkeeping inputs. Nothing here carries a gradient."""
   alpha = jnp.exp(x.g)
@@ -99,7 +93,7 @@ def _token_inputs(cfg: _Config, cm: ChunkMath, x: _Chunk, cache: DLACache) -> _T
   gdn = x.beta is not None
   v = pre = row = r_dot_e = e_sq = None
   if cfg.score_ref == "open":
-    pre = jnp.einsum("bhck,bhkv->bhcv", cm.k_tilde, _slot(cache.S, cache.m - 1))
+    pre = jnp.einsum("bhck,bhkv->bhcv", cm.k_tilde, take_slot(cache.S, cache.m - 1))
     if gdn:
       v, row = x.v, cm.a_kk
     else:
@@ -122,7 +116,7 @@ def _token_inputs(cfg: _Config, cm: ChunkMath, x: _Chunk, cache: DLACache) -> _T
 def _open_score(cfg: _Config, book: _Book, x: _Token, c0, values):
   """Open-slot score (§6.2–6.3) -> (I, ‖S_open‖² if absorbed, ‖c‖²). `values`: V_c for GDN."""
   c = x.row.shape[-1]
-  open_lo = _slot(book.lo, book.m - 1)
+  open_lo = take_slot(book.lo, book.m - 1)
   pre = open_lo < c0[:, None]                                            # open block predates c0
   s = jnp.arange(c)
   in_open = (s >= (open_lo - c0[:, None])[..., None]) & (s < x.index)    # [B, H, C]
@@ -252,7 +246,7 @@ def _chunk_step(cfg: _Config, cache: DLACache, x: _Chunk):
             + jnp.einsum("bhsc,bhsk,bhsv->bhckv", member_in, cm.k_hat, x.v))
   new_cache = DLACache(
       S=states, n=book.n, info=book.info, lo=book.lo, m=book.m,
-      open_sq=jnp.sum(_slot(states, book.m - 1) ** 2, axis=(-2, -1)),
+      open_sq=jnp.sum(take_slot(states, book.m - 1) ** 2, axis=(-2, -1)),
       total_sq=jnp.sum(jnp.sum(states, axis=2) ** 2, axis=(-2, -1)),
       pos=cache.pos + jnp.sum(x.valid, dtype=cache.pos.dtype))
   return new_cache, (o, record)

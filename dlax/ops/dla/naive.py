@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from dlax.ops.common import accumulator_dtype
 from dlax.ops.dla.bookkeeping import (advance_blocks, lam_matrix, legalize, merge_adjacent,
                                       merge_index, rank_matrix, replay_blocks, same_segment,
-                                      segment_resets)
+                                      segment_resets, take_slot)
 from dlax.ops.dla.scores import score_from_states
 from dlax.ops.dla.types import DLACache, DLADecisions
 from dlax.ops.gated_delta.naive import gated_delta_attention_matrix
@@ -45,13 +45,6 @@ def _write(k, v, beta):
   return c if beta is None else beta[..., None, None] * c
 
 
-def _slot(states, index):
-  """`states[b, h, index[b, h]]` for states `[B, H, K, ...]` and index `[B, H]` (clipped)."""
-  index = jnp.clip(index, 0, states.shape[2] - 1)
-  index = index.reshape(index.shape + (1,) * (states.ndim - 2))
-  return jnp.take_along_axis(states, index, axis=2)[:, :, 0]
-
-
 def _score(prev_states, states, c, m, *, score_ref, eps, eps_r, differentiable=False):
   """Information score `[B, H]`, under `stop_gradient` unless `differentiable` (the
   straight-through relaxation needs ∂I/∂inputs); meaningless where m = 0.
@@ -62,7 +55,7 @@ def _score(prev_states, states, c, m, *, score_ref, eps, eps_r, differentiable=F
   if not differentiable:
     prev_states, states, c = jax.lax.stop_gradient((prev_states, states, c))
   if score_ref == "open":
-    ref = _slot(states, m - 1)
+    ref = take_slot(states, m - 1)
     new = ref + c
   else:
     ref = jnp.sum(prev_states, axis=2)
@@ -137,7 +130,7 @@ def dla_step_reference(q, k, v, g, lam, cache: DLACache, beta=None, *, tau, scal
 
   new_cache = DLACache(
       S=states, n=n, info=info, lo=lo, m=m,
-      open_sq=jnp.sum(_slot(states, m - 1) ** 2, axis=(-2, -1)),
+      open_sq=jnp.sum(take_slot(states, m - 1) ** 2, axis=(-2, -1)),
       total_sq=jnp.sum(jnp.sum(states, axis=2) ** 2, axis=(-2, -1)),
       pos=cache.pos + 1)
   o = _read(states, m, lam, q, scale)
