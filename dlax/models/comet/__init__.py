@@ -1,4 +1,4 @@
-"""CoMeT (Collaborative Memory Transformer): configuration and host-side token layout."""
+"""CoMeT (Collaborative Memory Transformer): configuration, host-side token layout, memory."""
 
 from dlax.models.comet.config import (HF_FIELDS, OFFICIAL_CLASS_DEFAULTS, CometConfig,
                                       special_token_ids, tiny_comet_config)
@@ -7,10 +7,15 @@ from dlax.models.comet.layout import (IGNORE_LABEL, ChunkCounts, ChunkLayout, bu
                                       build_prompt_layout, chunk_counts, exact_lengths, fixed_plan,
                                       pad_plan, right_aligned_plan, shift_labels, uniform_plan,
                                       validate_plan)
+from dlax.models.comet.memory import (OFFICIAL_KEYS, GlobalMemoryNet, LayerMemory, LowRankAdapter,
+                                      TempMemoryNet, inject_memory, memory_nets, push_fifo,
+                                      update_memory, update_memory_from_layout)
 
 __all__ = [
-    "HF_FIELDS", "IGNORE_LABEL", "OFFICIAL_CLASS_DEFAULTS", "ChunkCounts", "ChunkLayout",
-    "CometConfig", "build_batch", "build_chunk", "build_layout", "build_layout_exact",
+    "HF_FIELDS", "IGNORE_LABEL", "OFFICIAL_CLASS_DEFAULTS", "OFFICIAL_KEYS", "ChunkCounts",
+    "ChunkLayout", "CometConfig", "GlobalMemoryNet", "LayerMemory", "LowRankAdapter",
+    "TempMemoryNet", "inject_memory", "memory_nets", "push_fifo", "update_memory",
+    "update_memory_from_layout", "build_batch", "build_chunk", "build_layout", "build_layout_exact",
     "build_prompt_layout", "chunk_counts", "exact_lengths", "fixed_plan", "pad_plan",
     "right_aligned_plan", "shift_labels", "special_token_ids", "tiny_comet_config",
     "uniform_plan", "validate_plan",
