@@ -34,3 +34,19 @@ def pytest_runtest_makereport(item, call):
   if report.failed and "rng" in getattr(item, "fixturenames", ()):
     report.sections.append(("rng", f"np.random.default_rng({_seed(item)})"))
   return report
+
+
+@pytest.fixture
+def dla_op_record(monkeypatch):
+  """Spies on the layers' `dla_attention`: the returned dict's "aux" holds the `DLADecisions` of
+  the latest call (read it from inside the same trace)."""
+  from dlax.layers import multistate
+  op, record = multistate.dla_attention, {}
+
+  def spy(*args, **kwargs):
+    outputs = op(*args, **kwargs)
+    record["aux"] = outputs[-1]
+    return outputs
+
+  monkeypatch.setattr(multistate, "dla_attention", spy)
+  return record

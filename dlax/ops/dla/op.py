@@ -6,11 +6,11 @@ and `impl="chunked"` (the default) the chunk-parallel algorithm of §7 in `dlax.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlax.ops.common import Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs
+from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs,
+                             is_tracer)
 from dlax.ops.dla.bookkeeping import replay_blocks, segment_resets
 from dlax.ops.dla.chunked import dla_chunked
 from dlax.ops.dla.naive import cast_cache, dla_masked, dla_recurrent, dla_step_reference
@@ -76,7 +76,7 @@ def _check_decisions_legal(op: str, decisions: DLADecisions, capacity: int, segm
   must happen iff b_t = 1 and the cache is full, at an adjacent pair 0..K−2."""
   arrays = (decisions.boundary, decisions.merge_idx, segment_ids,
             *(() if initial_cache is None else (initial_cache.m,)))
-  if any(isinstance(a, jax.core.Tracer) for a in arrays if a is not None):
+  if any(is_tracer(a) for a in arrays if a is not None):
     _fail(op, "debug=True checks the injected decisions eagerly; call it outside jit/vmap")
   cache = {} if initial_cache is None else dict(
       lo0=initial_cache.lo, m0=initial_cache.m, pos0=initial_cache.pos)
