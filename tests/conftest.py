@@ -18,6 +18,16 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `gpu` skip themselves unless JAX's default backend is a GPU."""
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() != 'gpu')")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
+
+
 def _seed(item) -> int:
   return zlib.crc32(item.nodeid.encode())
 

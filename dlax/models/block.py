@@ -25,7 +25,8 @@ def make_mixer(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
                          **common)
   c = config.attention
   return Attention(config.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                   head_dim=c.head_dim, rope_theta=c.rope_theta, qk_norm=c.qk_norm, **common)
+                   head_dim=c.head_dim, rope_theta=c.rope_theta, qk_norm=c.qk_norm,
+                   implementation=c.implementation, **common)
 
 
 class Block(nnx.Module):

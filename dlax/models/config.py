@@ -55,9 +55,14 @@ class AttentionConfig:
   head_dim: int = 96
   rope_theta: float = 5e5
   qk_norm: bool = False
+  # None: dlax's einsum softmax; "xla" / "cudnn": `jax.nn.dot_product_attention` (cudnn: fused
+  # flash attention on NVIDIA GPUs, bf16/fp16). Cached decoding always uses the einsum path.
+  implementation: str | None = None
 
   def __post_init__(self):
     _check_positive(self, "num_heads", "num_kv_heads", "head_dim")
+    if self.implementation not in (None, "xla", "cudnn"):
+      _fail(self, f"implementation must be None, 'xla' or 'cudnn', got {self.implementation!r}")
     if self.num_heads % self.num_kv_heads:
       _fail(self, f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
             f"({self.num_kv_heads})")

@@ -102,12 +102,14 @@ class Qwen3Config:
     keys = self.hf_keys or tuple(full)
     return {k: full[k] for k in keys}
 
-  def to_model_config(self, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                      remat: bool = True) -> ModelConfig:
-    """The equivalent attention `ModelConfig` (q/k-norm on, no biases)."""
+  def to_model_config(self, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = True,
+                      attention_impl: str | None = None) -> ModelConfig:
+    """The equivalent attention `ModelConfig` (q/k-norm on, no biases); `attention_impl` as
+    `AttentionConfig.implementation`."""
     attention = AttentionConfig(num_heads=self.num_attention_heads,
                                 num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim,
-                                rope_theta=float(self.rope_theta), qk_norm=True)
+                                rope_theta=float(self.rope_theta), qk_norm=True,
+                                implementation=attention_impl)
     return ModelConfig(vocab_size=self.vocab_size, d_model=self.hidden_size,
                        n_layers=self.num_hidden_layers, mixer="attention",
                        d_ff=self.intermediate_size, tie_embeddings=self.tie_word_embeddings,
@@ -125,10 +127,10 @@ class Qwen3ForCausalLM(LanguageModel):
   """
 
   def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = True):
+               param_dtype=jnp.float32, remat: bool = True, attention_impl: str | None = None):
     self.hf_config = config
-    super().__init__(config.to_model_config(dtype=dtype, param_dtype=param_dtype, remat=remat),
-                     rngs=rngs)
+    super().__init__(config.to_model_config(dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                            attention_impl=attention_impl), rngs=rngs)
 
   def __call__(self, input_ids, attention_mask=None):
     """input_ids `[B, T]` int, attention_mask `[B, T]` (1 = token, 0 = padding) -> logits

@@ -68,3 +68,51 @@ def test_rejects_bad_head_layout():
     Attention(32, num_heads=4, num_kv_heads=3, head_dim=8, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="even head_dim"):
     Attention(32, num_heads=4, num_kv_heads=2, head_dim=7, rngs=nnx.Rngs(0))
+
+
+def test_per_row_positions_decode_like_separate_rows(rng):
+  """`pos` of shape [B]: each row writes its cache at its own position and attends up to it, as if
+  the rows were decoded separately (rows start from prompts of different lengths)."""
+  mixer = make_mixer("attention", rng, dtype=jnp.float64, qk_norm=True)
+  lengths, steps, t_max = (3, 7), 4, 16
+  x = jnp.asarray(rng.normal(size=(2, max(lengths) + steps, D_MODEL)), jnp.float64)
+  cache = mixer.init_cache(2, t_max, jnp.float64)
+  for row, n in enumerate(lengths):                       # per-row prompts, written row by row
+    _, row_cache = mixer(x[row:row + 1, :n])
+    cache = cache._replace(k=cache.k.at[row, :n].set(row_cache.k[0]),
+                           v=cache.v.at[row, :n].set(row_cache.v[0]))
+  pos = jnp.asarray(lengths, jnp.int32)
+  for step in range(steps):
+    tokens = jnp.stack([x[row, n + step] for row, n in enumerate(lengths)])[:, None]
+    y, cache = mixer(tokens, cache=cache, pos=pos + step)
+    for row, n in enumerate(lengths):
+      expected, _ = mixer(x[row:row + 1, :n + step + 1])  # full causal pass of that row alone
+      assert rel_err(y[row, 0], expected[0, -1]) <= 1e-10
+
+
+def _implementation_pair(rng, implementation, dtype):
+  """The same weights as the einsum path and as `jax.nn.dot_product_attention`."""
+  seed = int(rng.integers(1 << 30))
+  make = lambda impl: Attention(D_MODEL, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
+                                implementation=impl, dtype=dtype, param_dtype=dtype,
+                                rngs=nnx.Rngs(seed))
+  return make(None), make(implementation)
+
+
+@pytest.mark.parametrize("implementation, dtype, tol", [("xla", jnp.float32, 1e-5)])
+def test_dot_product_attention_implementation(rng, implementation, dtype, tol):
+  """`implementation` routes to `jax.nn.dot_product_attention` with prefix key lengths; the valid
+  rows equal the einsum path."""
+  einsum, fused = _implementation_pair(rng, implementation, dtype)
+  x = jnp.asarray(rng.normal(size=(3, 37, D_MODEL)), dtype)
+  lengths = np.array([37, 20, 1])
+  kv_mask = jnp.asarray(np.arange(37) < lengths[:, None])
+  expected, _ = einsum(x, kv_mask=kv_mask)
+  actual, _ = fused(x, kv_mask=kv_mask)
+  for row, n in enumerate(lengths):
+    assert rel_err(actual[row, :n], expected[row, :n]) <= tol
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_einsum_in_bf16(rng):
+  test_dot_product_attention_implementation(rng, "cudnn", jnp.bfloat16, 1e-2)
