@@ -7,6 +7,11 @@ A chunk of `n_x` text tokens becomes the compact sequence (§6.2)
 padded to a static length L (Lmax for the uniform template, the per-index exact length otherwise).
 Every index table points at L for its invalid entries, so `x.at[idx].set(..., mode="drop")`
 ignores them. Everything here is numpy and vectorised over chunks.
+
+With `fifo_mode="official"` (§6.5) a non-empty training chunk also gets `nb − m` masked pad
+tokens right after its n_valid valid tokens: `comp_idx[m:nb]` point at them, so their layer
+outputs enter the FIFO as pad memories (`memory.push_queue`). They carry the pad id, label -100
+and the padding position n_valid (the reference's positions for them are unverified).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class ChunkLayout(NamedTuple):
   n_valid: np.ndarray      # [...] attention key length (use max(n_valid, 1) in kernels)
   gslot_idx: np.ndarray    # [..., G] global slot j (invalid: L)
   tslot_idx: np.ndarray    # [..., Bt] temp slot j ← FIFO entry j, oldest first (count n_temp)
-  comp_idx: np.ndarray     # [..., nb] compression tokens (count n_comp)
+  comp_idx: np.ndarray     # [..., nb] compression tokens (count n_comp; then official pads)
   readout_idx: np.ndarray  # [..., G] readout j
   text_idx: np.ndarray     # [..., C] text token i (count n_text): gathers logits in text order
   n_text: np.ndarray       # [...]
@@ -170,12 +175,24 @@ def _scatter(buffer: np.ndarray, idx: np.ndarray, values) -> None:
   np.put_along_axis(buffer, idx, np.broadcast_to(values, idx.shape), axis=1)
 
 
+def _official_pads(counts: ChunkCounts, config: CometConfig) -> np.ndarray:
+  """[N] masked pad compression tokens per chunk under the official FIFO (§6.5): nb − m for
+  non-empty chunks, else 0."""
+  return np.where(counts.n_text > 0, config.num_comp - counts.n_comp, 0).astype(INDEX_DTYPE)
+
+
 def _build(text_ids: np.ndarray, text_labels: np.ndarray, counts: ChunkCounts,
-           config: CometConfig, length: int, pad_id: int | None) -> ChunkLayout:
-  """Vectorised over chunks: text [N, C] and counts [N] → ChunkLayout [N, ...] of length L."""
+           config: CometConfig, length: int, pad_id: int | None,
+           n_pads: np.ndarray | None = None) -> ChunkLayout:
+  """Vectorised over chunks: text [N, C] and counts [N] → ChunkLayout [N, ...] of length L.
+
+  `n_pads` [N] (official FIFO): pad compression tokens placed after each chunk's n_valid tokens.
+  """
   n_valid = counts.n_valid
-  if np.any(n_valid > length):
-    raise ValueError(f"chunks need lengths {n_valid.tolist()}, more than length={length}")
+  n_pads = np.zeros_like(n_valid) if n_pads is None else n_pads
+  if np.any(n_valid + n_pads > length):
+    raise ValueError(f"chunks need lengths {(n_valid + n_pads).tolist()}, more than "
+                     f"length={length}")
   col = lambda a: np.asarray(a, INDEX_DTYPE)[:, None]
   g, stride = config.global_mem_size, config.temp_beacon_stride
   off_t = col(g * counts.has_global)
@@ -206,29 +223,42 @@ def _build(text_ids: np.ndarray, text_labels: np.ndarray, counts: ChunkCounts,
   _scatter(labels, text_idx, text_labels)
   p = np.arange(length, dtype=INDEX_DTYPE)[None]
   positions = np.where(p < col(n_valid), p, col(n_valid)).astype(INDEX_DTYPE)
+  # Official pads: comp k ∈ [m, m + n_pads) at n_valid + k − m, padding in every other respect.
+  comp_idx = np.where((k >= col(counts.n_comp)) & (k < col(counts.n_comp + n_pads)),
+                      col(n_valid) + k - col(counts.n_comp), comp_idx).astype(INDEX_DTYPE)
   return ChunkLayout(input_ids[:, :length], labels[:, :length], positions, n_valid, gslot_idx,
                      tslot_idx, comp_idx, readout_idx, text_idx, counts.n_text, counts.n_comp,
                      counts.n_temp, counts.is_first, counts.has_global, counts.has_readout)
 
 
-def _truncate(layout: ChunkLayout, length: int) -> ChunkLayout:
+def truncate_chunks(layout: ChunkLayout, length: int) -> ChunkLayout:
   """Cuts a chunk's token axis to `length` ≥ n_valid and re-points invalid indices at it."""
   return layout._replace(
       **{name: getattr(layout, name)[..., :length] for name in _TOKEN_FIELDS},
       **{name: np.minimum(getattr(layout, name), length) for name in _INDEX_FIELDS})
 
 
-def _take(layout: ChunkLayout, index) -> ChunkLayout:
+def take_chunks(layout: ChunkLayout, index) -> ChunkLayout:
+  """Every field indexed by `index` (e.g. one chunk τ, or `[:, τ]`)."""
   return ChunkLayout(*(np.asarray(a)[index] for a in layout))
 
 
-def _stack(layouts: Sequence[ChunkLayout]) -> ChunkLayout:
-  return ChunkLayout(*(np.stack(arrays) for arrays in zip(*layouts)))
+def stack_chunks(layouts: Sequence[ChunkLayout], axis: int = 0) -> ChunkLayout:
+  """Stacks layouts of equal shapes along a new leading (batch or chunk) axis."""
+  return ChunkLayout(*(np.stack(arrays, axis) for arrays in zip(*layouts)))
+
+
+def concat_chunks(layouts: Sequence[ChunkLayout]) -> ChunkLayout:
+  """Concatenates layouts `[N_i, ...]` along their leading chunk axis."""
+  return ChunkLayout(*(np.concatenate(arrays) for arrays in zip(*layouts)))
 
 
 def build_chunk(text_ids: Sequence[int], text_labels: Sequence[int], counts: ChunkCounts,
                 config: CometConfig, length: int, *, pad_id: int | None = None) -> ChunkLayout:
-  """One chunk: its n_x text ids and (already shifted) labels, scalar `counts` → arrays [L]."""
+  """One chunk: its n_x text ids and (already shifted) labels, scalar `counts` → arrays [L].
+
+  No official-FIFO pad tokens (only `build_layout` adds them, to training chunks).
+  """
   row = lambda values, fill: _split_text(values, np.array([len(values)]), config.chunk_size, fill)
   if len(text_ids) != counts.n_text or len(text_labels) != counts.n_text:
     raise ValueError(f"expected {counts.n_text} text ids and labels, got {len(text_ids)} and "
@@ -236,7 +266,7 @@ def build_chunk(text_ids: Sequence[int], text_labels: Sequence[int], counts: Chu
   counts = ChunkCounts(*(np.atleast_1d(c) for c in counts))
   stacked = _build(row(text_ids, 0), row(text_labels, IGNORE_LABEL), counts, config, length,
                    pad_id)
-  return _take(stacked, 0)
+  return take_chunks(stacked, 0)
 
 
 def build_layout(input_ids: Sequence[int], labels: Sequence[int] | None, plan: Sequence[int],
@@ -246,7 +276,9 @@ def build_layout(input_ids: Sequence[int], labels: Sequence[int] | None, plan: S
 
   Every chunk is padded to `length` (default: the uniform template Lmax). `labels=None` trains on
   every next token; labels are shifted before chunking. `pad_id` defaults to the placeholder
-  (padding is masked). `generation`/`official` as in `chunk_counts`.
+  (padding is masked). `generation`/`official` as in `chunk_counts`. With
+  `config.fifo_mode="official"`, training chunks (not generation prompts) get the masked pad
+  compression tokens of §6.5 (see the module docstring).
   """
   input_ids = np.asarray(input_ids)
   labels = input_ids if labels is None else np.asarray(labels)
@@ -258,7 +290,9 @@ def build_layout(input_ids: Sequence[int], labels: Sequence[int] | None, plan: S
   text_ids = _split_text(input_ids, plan, config.chunk_size, 0)
   text_labels = _split_text(shift_labels(labels), plan, config.chunk_size, IGNORE_LABEL)
   length = config.max_chunk_len if length is None else length
-  return _build(text_ids, text_labels, counts, config, length, pad_id)
+  n_pads = (_official_pads(counts, config)
+            if config.fifo_mode == "official" and not generation else None)
+  return _build(text_ids, text_labels, counts, config, length, pad_id, n_pads)
 
 
 def build_layout_exact(input_ids: Sequence[int], labels: Sequence[int] | None,
@@ -267,7 +301,7 @@ def build_layout_exact(input_ids: Sequence[int], labels: Sequence[int] | None,
   lengths = exact_lengths(config, len(plan))
   stacked = build_layout(input_ids, labels, plan, config, length=max(lengths, default=0),
                          **kwargs)
-  return [_truncate(_take(stacked, tau), length) for tau, length in enumerate(lengths)]
+  return [truncate_chunks(take_chunks(stacked, tau), length) for tau, length in enumerate(lengths)]
 
 
 def build_prompt_layout(prompt_ids: Sequence[int], config: CometConfig, *,
@@ -298,5 +332,37 @@ def build_batch(examples: Sequence[tuple[Sequence[int], Sequence[int] | None,
   per_example = [build(ids, labels, pad_plan(plan, n_chunks), config, pad_id=pad_id)
                  for (ids, labels, _), plan in zip(examples, plans)]
   if layout == "uniform":
-    return _stack(per_example)
-  return [_stack(chunks) for chunks in zip(*per_example)]
+    return stack_chunks(per_example)
+  return [stack_chunks(chunks) for chunks in zip(*per_example)]
+
+
+# Text order (host-side gathers for the model's text-order outputs).
+
+def per_chunk(layout: ChunkLayout | Sequence[ChunkLayout]) -> list[ChunkLayout]:
+  """Uniform ChunkLayout [B, N, ...] or the exact list → list of per-chunk ChunkLayout [B, ...]."""
+  if isinstance(layout, ChunkLayout):
+    return [take_chunks(layout, (slice(None), tau)) for tau in range(np.shape(layout.n_valid)[1])]
+  return list(layout)
+
+
+def text_order_index(layout: ChunkLayout | Sequence[ChunkLayout], width: int) -> np.ndarray:
+  """[B, width] index of each row's text tokens, in text order, into the chunks' token axes laid
+  end to end (`[B, N·L]` uniform, `[B, Σ L_τ]` exact); -1 past a row's last token."""
+  chunks = per_chunk(layout)
+  offsets = np.cumsum([0] + [np.shape(c.input_ids)[-1] for c in chunks])[:-1]
+  flat = np.stack([np.asarray(c.text_idx) + off for c, off in zip(chunks, offsets)], 1)
+  valid = np.arange(flat.shape[-1]) < np.stack([c.n_text for c in chunks], 1)[..., None]
+  index = np.full((len(flat), width), -1, INDEX_DTYPE)
+  for row, (indices, ok) in enumerate(zip(flat, valid)):
+    tokens = indices[ok]                                  # chunk-major, i.e. text order
+    if len(tokens) > width:
+      raise ValueError(f"row {row} has {len(tokens)} text tokens, more than width={width}")
+    index[row, :len(tokens)] = tokens
+  return index
+
+
+def text_order_labels(layout: ChunkLayout | Sequence[ChunkLayout], index: np.ndarray) -> np.ndarray:
+  """The layout's (shifted) labels at `text_order_index` → [B, width]; -100 where index is -1."""
+  labels = np.concatenate([np.asarray(c.labels) for c in per_chunk(layout)], axis=1)
+  taken = np.take_along_axis(labels, np.maximum(index, 0), axis=1)
+  return np.where(index >= 0, taken, IGNORE_LABEL).astype(INDEX_DTYPE)

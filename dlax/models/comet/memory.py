@@ -18,7 +18,7 @@ from flax import nnx
 
 from dlax.layers.initializers import dense
 from dlax.layers.norms import RMSNorm
-from dlax.models.comet.config import GATES
+from dlax.models.comet.config import FIFO_MODES, GATES
 
 INIT_STD = 0.02
 
@@ -113,18 +113,32 @@ class LayerMemory(NamedTuple):
 
   S: `[B, G, d]` global state (normalised space). Q: `[B, Bt, d]` FIFO, right-aligned: live rows
   are `[Bt − n_temp, Bt)`, oldest first; dead rows are 0. n_temp: `[B]` int32. started: `[B]` bool.
+  is_pad: `[B, Bt]` bool, the official FIFO's pad memories (§6.5); None for the clean FIFO, whose
+  live rows are all real. The next chunk attends to the oldest `n_temp − Σ is_pad` live rows (all
+  of them in clean mode, where that count is n_temp).
   """
   S: jax.Array
   Q: jax.Array
   n_temp: jax.Array
   started: jax.Array
+  is_pad: jax.Array | None = None
 
   @classmethod
   def empty(cls, batch: int, global_size: int, temp_size: int, dim: int,
-            dtype=jnp.float32) -> LayerMemory:
+            dtype=jnp.float32, *, fifo_mode: str = "clean") -> LayerMemory:
+    if fifo_mode not in FIFO_MODES:
+      raise ValueError(f"LayerMemory: fifo_mode must be one of {FIFO_MODES}, got {fifo_mode!r}")
+    is_pad = jnp.zeros((batch, temp_size), bool) if fifo_mode == "official" else None
     return cls(jnp.zeros((batch, global_size, dim), dtype),
                jnp.zeros((batch, temp_size, dim), dtype),
-               jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+               jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), is_pad)
+
+  @property
+  def n_attended(self) -> jax.Array:
+    """`[B]` temp slots the next chunk attends to: the real rows (= n_T of the layout)."""
+    if self.is_pad is None:
+      return self.n_temp
+    return self.n_temp - jnp.sum(self.is_pad, axis=-1, dtype=jnp.int32)
 
 
 def _gather_rows(x, idx):
@@ -147,7 +161,10 @@ def inject_memory(x, memory: LayerMemory, M, gslot_idx, tslot_idx):
     gslot_idx: `[B, G]`; tslot_idx: `[B, Bt]` (invalid entries ≥ L are dropped).
 
   Returns:
-    `[B, L, d]`: global slot j ← M[j] where started; temp slot j ← Q[Bt − n_temp + j], j < n_temp.
+    `[B, L, d]`: global slot j ← M[j] where started; temp slot j ← Q[Bt − n_temp + j] for
+    j < `memory.n_attended`, i.e. the oldest queue rows. With the official FIFO the queue may hold
+    more rows (n_temp) than the chunk attends to; the reference puts the surplus in masked slots
+    at the chunk end, which can change nothing, so they are not materialised.
   """
   length = x.shape[1]
   if gslot_idx.shape[-1]:
@@ -156,27 +173,57 @@ def inject_memory(x, memory: LayerMemory, M, gslot_idx, tslot_idx):
   bt = tslot_idx.shape[-1]
   if bt:
     j = jnp.arange(bt, dtype=jnp.int32)
-    live = j < memory.n_temp[:, None]
+    live = j < memory.n_attended[:, None]
     src = jnp.minimum(bt - memory.n_temp[:, None] + j, bt - 1)
     tidx = jnp.where(live, tslot_idx, length)
     x = _scatter_rows(x, tidx, _gather_rows(memory.Q, src))
   return x
 
 
+def _rows_after(flags):
+  """`[B, K]` bool → `[B, K]` int32: how many later rows (higher index) are set."""
+  flags = flags.astype(jnp.int32)
+  return jnp.cumsum(flags[:, ::-1], axis=1)[:, ::-1] - flags
+
+
+def push_queue(Q, n_temp, is_pad, c, m, n_pad):
+  """Official FIFO push (§6.5): the top Bt rows of `live(Q) ++ c[:m] ++ pads` by (is_real,
+  recency), right-aligned and chronological.
+
+  Args:
+    Q: `[B, Bt, d]` with `n_temp` `[B]` live rows and flags `is_pad` `[B, Bt]`. c: `[B, nb, d]`:
+    rows `< m` are real compression outputs, rows `[m, m + n_pad)` pad memories (m, n_pad `[B]`).
+
+  Returns:
+    (Q `[B, Bt, d]`, n_temp `[B]`, is_pad `[B, Bt]`). So all real rows are kept while fewer than
+    Bt exist, topped up with the newest pads; beyond that only the newest Bt real rows.
+  """
+  bt, nb = Q.shape[1], c.shape[1]
+  m, n_pad = m.astype(jnp.int32)[:, None], n_pad.astype(jnp.int32)[:, None]
+  i, k = jnp.arange(bt, dtype=jnp.int32), jnp.arange(nb, dtype=jnp.int32)
+  live = jnp.concatenate([i >= bt - n_temp[:, None], k < m + n_pad], axis=1)  # [B, Bt + nb]
+  pad = live & jnp.concatenate([is_pad, jnp.broadcast_to(k >= m, c.shape[:2])], axis=1)
+  real = live & ~pad
+  n_real = jnp.sum(real, axis=1, keepdims=True, dtype=jnp.int32)
+  kept = (real & (_rows_after(real) < bt)) | (pad & (_rows_after(pad) < bt - n_real))
+  slot = jnp.where(kept, bt - 1 - _rows_after(kept), bt)                     # bt: not kept
+  rows = jnp.arange(bt + nb, dtype=jnp.int32)
+  scatter = lambda s: jnp.full((bt,), bt + nb, jnp.int32).at[s].set(rows, mode="drop")
+  src = jax.vmap(scatter)(slot)                                              # [B, Bt]; bt+nb: dead
+  new_Q = _gather_rows(jnp.concatenate([Q, c.astype(Q.dtype)], axis=1), src)
+  new_pad = jnp.take_along_axis(pad, src, axis=1, mode="fill", fill_value=False)
+  return new_Q, jnp.sum(kept, axis=1, dtype=jnp.int32), new_pad
+
+
 def push_fifo(Q, n_temp, c, m):
-  """`keep_last_Bt(live(Q) ++ c[:m])`, right-aligned and chronological.
+  """Clean FIFO push: `keep_last_Bt(live(Q) ++ c[:m])`, right-aligned and chronological.
 
   Q: `[B, Bt, d]` with `n_temp` `[B]` live rows; c: `[B, nb, d]` with `m` `[B]` valid rows.
-  Since the live rows of `[Q; c]` are contiguous, new row i is `[Q; c][i + m]` (0 if dead).
-  Returns (Q `[B, Bt, d]`, n_temp `[B]`).
+  Returns (Q `[B, Bt, d]`, n_temp `[B]`): `push_queue` without pads.
   """
-  bt = Q.shape[1]
-  m = m.astype(jnp.int32)
-  new_n = jnp.minimum(bt, n_temp + m)
-  i = jnp.arange(bt, dtype=jnp.int32)
-  rows = _gather_rows(jnp.concatenate([Q, c.astype(Q.dtype)], axis=1), i + m[:, None])
-  live = i >= bt - new_n[:, None]
-  return jnp.where(live[..., None], rows, 0), new_n.astype(jnp.int32)
+  no_pads = jnp.zeros(Q.shape[:2], bool)
+  Q, n_temp, _ = push_queue(Q, n_temp, no_pads, c, m, jnp.zeros_like(m))
+  return Q, n_temp
 
 
 def update_memory(y, memory: LayerMemory, global_net: GlobalMemoryNet | None,
@@ -190,9 +237,11 @@ def update_memory(y, memory: LayerMemory, global_net: GlobalMemoryNet | None,
 
   Returns:
     (new LayerMemory, M `[B, G, d]` = RLA_g(S) in the state dtype). Rows with `has_readout` false
-    keep S; rows with `n_valid == 0` (empty chunks) change nothing.
+    keep S; rows with `n_valid == 0` (empty chunks) change nothing. With the official FIFO
+    (`memory.is_pad` set), valid `comp_idx` entries past n_comp are pad memories (§6.5); the clean
+    FIFO ignores them.
   """
-  S, Q, n_temp, started = memory
+  S, Q, n_temp, started, is_pad = memory
   if global_net is not None and S.shape[1]:
     new_S = global_net.update(_gather_rows(y, readout_idx), S, started)
     S = jnp.where(has_readout[:, None, None], new_S, S)
@@ -201,9 +250,13 @@ def update_memory(y, memory: LayerMemory, global_net: GlobalMemoryNet | None,
     M = S
   if temp_net is not None and Q.shape[1]:
     c = temp_net(_gather_rows(y, comp_idx))
-    Q, n_temp = push_fifo(Q, n_temp, c, n_comp)
+    if is_pad is None:
+      Q, n_temp = push_fifo(Q, n_temp, c, n_comp)
+    else:
+      n_pad = jnp.sum(comp_idx < y.shape[1], axis=-1, dtype=jnp.int32) - n_comp
+      Q, n_temp, is_pad = push_queue(Q, n_temp, is_pad, c, n_comp, n_pad)
   started = started | (n_valid > 0)
-  return LayerMemory(S, Q, n_temp, started), M
+  return LayerMemory(S, Q, n_temp, started, is_pad), M
 
 
 def update_memory_from_layout(y, memory, global_net, temp_net, layout):
