@@ -127,6 +127,22 @@ def write_weights(path, tensors: dict[str, np.ndarray], max_shard_size=None) -> 
     json.dump(index, f, indent=2, sort_keys=True)
 
 
+def write_folder(path, tensors: dict[str, np.ndarray], config: dict[str, Any], *,
+                 max_shard_size=None, dtype: str | None = None) -> None:
+  """Writes an HF folder: the weights (`write_weights`, replacing an earlier save's weight files)
+  and `config.json`, whose `dtype` (or `torch_dtype`) field is set to `dtype` when given."""
+  os.makedirs(path, exist_ok=True)
+  for stale in os.listdir(path):
+    if stale in (WEIGHTS_NAME, INDEX_NAME) or _SHARD.fullmatch(stale):
+      os.remove(os.path.join(path, stale))
+  write_weights(path, tensors, max_shard_size)
+  if dtype is not None:
+    config = {**config, ("dtype" if "dtype" in config else "torch_dtype"): dtype}
+  with open(os.path.join(path, CONFIG_NAME), "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+
+
 # ------------------------------------------------------------------------------------ keys
 
 def hf_to_params(tensors: dict[str, np.ndarray], config: Qwen3Config,
@@ -280,13 +296,5 @@ def save_qwen3(model: Qwen3ForCausalLM, path, *, dtype: str = "float32",
   np_dtype = jnp.dtype(dtype)
   params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)).astype(np_dtype),
                         nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  os.makedirs(path, exist_ok=True)
-  config = model.hf_config.to_hf_dict()
-  config["dtype" if "dtype" in config else "torch_dtype"] = dtype
-  for stale in os.listdir(path):
-    if stale in (WEIGHTS_NAME, INDEX_NAME) or _SHARD.fullmatch(stale):
-      os.remove(os.path.join(path, stale))
-  write_weights(path, params_to_hf(params, model.hf_config, layer_prefix), max_shard_size)
-  with open(os.path.join(path, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2)
-    f.write("\n")
+  write_folder(path, params_to_hf(params, model.hf_config, layer_prefix),
+               model.hf_config.to_hf_dict(), max_shard_size=max_shard_size, dtype=dtype)
