@@ -1,0 +1,1 @@
+"""The embedded corpus (`README.md`): `austen.jsonl.xz`, rebuilt by `build.py`."""
