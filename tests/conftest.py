@@ -1,4 +1,5 @@
-"""Test-wide setup: float64 references (`jax_enable_x64`), a reproducible per-test `rng`, markers.
+"""Test-wide setup: float64 references (`jax_enable_x64`), 8 CPU devices (`jax_num_cpu_devices`,
+for the sharding and pipeline tests), a reproducible per-test `rng`, markers.
 
 With x64 enabled globally, every test array must be created with an explicit dtype.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_num_cpu_devices", 8)   # 8 fake CPU devices for the sharding tests
 
 
 def pytest_configure(config):
