@@ -46,10 +46,16 @@ def test_import_names_do_not_collide():
   assert dlax.__version__
 
 
-def test_demo_trains_and_loss_drops(capsys):
+def test_demo_trains_and_loss_drops(tmp_path, capsys):
   from dlax_training import demo
-  loss = demo.main(["--steps", "25", "--batch-size", "4", "--seq-len", "48", "--lr", "1e-2"])
+  result = demo.main(["steps=25", "data.global_batch_size=8", "data.seq_len=48",
+                      "optimizer.lr=1e-2", "schedule.warmup_steps=3", "logging.progress=false",
+                      f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.dir={tmp_path}",
+                      "eval.batches=1", "eval.passkey_lengths=[256]"])
   out = capsys.readouterr().out
-  first = float(out.split("loss ")[1].split(" ->")[0])
-  assert np.isfinite(loss)
-  assert loss < first - 0.5, out
+  losses = list(result.losses.values())
+  assert len(losses) == 25 and np.all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.5, out
+  for row in ("train loss", "eval perplexity", "passkey accuracy @ 256 tokens", "checkpoint"):
+    assert f"| {row}" in out, out
+  assert (tmp_path / "ckpt" / "25").is_dir() and (tmp_path / "metrics.jsonl").is_file()

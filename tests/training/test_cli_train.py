@@ -1,0 +1,95 @@
+"""`dlax train` / `dlax eval`: config and override errors exit with one clear line before anything
+is compiled; a tiny run trains, checkpoints and evaluates on every device of the process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import jax
+import pytest
+
+from dlax.cli import main
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+TINY = ["model.vocab_size=261", "model.mixer=attention", "model.multistate=none",
+        "data.seq_len=32", "data.global_batch_size=8", "schedule.warmup_steps=1", "eval.batches=1",
+        "eval.passkey_lengths=[]", "logging.progress=false"]
+
+
+@pytest.fixture
+def compilations():
+  """The XLA compilations of the test's thread (`jax.monitoring` backend-compile events; other
+  threads, e.g. of earlier tests, are not the test's)."""
+  events, thread = [], threading.get_ident()
+
+  def listener(event, duration, **kwargs):
+    if event == COMPILE_EVENT and threading.get_ident() == thread:
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield events
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.vocab_siz=300"], "unknown key 'model.vocab_siz' (did you mean 'vocab_size'?)"),
+    (["optimizer.lr=fast"], "optimizer.lr: expected float, got 'fast'"),
+    (["steps"], "override 'steps' must look like key=value"),
+    (["model.dla.capacity=1"], "model.dla: DLAConfig: capacity must be an int >= 2, got 1"),
+    (["mesh.data=3"], "has 3 devices but"),
+    (["data.global_batch_size=3"], "data.global_batch_size (3) is not divisible"),
+    (["model.vocab_size=258"], "data.tokenizer='byte' needs a vocabulary of >= 261 tokens, the model has 258"),
+    (["eval.passkey_lengths=[100]"], "eval.passkey_lengths: 100 tokens cannot hold a passkey"),
+    (["data.source=jsonl", "data.path=/nonexistent/*.jsonl"],
+     "no .jsonl/.jsonl.gz/.jsonl.xz files at '/nonexistent/*.jsonl'"),
+])
+def test_config_errors_exit_before_compiling(overrides, message, tmp_path, compilations):
+  base = ["model.vocab_size=261", "data.global_batch_size=8", "mesh.data=-1",
+          f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}"]
+  with pytest.raises(SystemExit) as exit_info:
+    main(["train", "--config", "tiny_demo", *base, *overrides])
+  assert str(exit_info.value).startswith("dlax train: ")
+  assert message in str(exit_info.value)
+  assert not compilations
+
+
+def test_unknown_preset_and_missing_checkpoint(tmp_path, compilations):
+  with pytest.raises(SystemExit, match="unknown preset 'tiny'; presets in .*tiny_demo"):
+    main(["eval", "--config", "tiny"])
+  with pytest.raises(SystemExit, match="config file .*missing.yaml' does not exist"):
+    main(["train", "--config", str(tmp_path / "missing.yaml")])
+  with pytest.raises(SystemExit, match="dlax eval: no checkpoint in"):
+    main(["eval", "--config", "tiny_demo", "--checkpoint", str(tmp_path / "none"), *TINY])
+  assert not compilations
+
+
+def test_errors_are_one_line_on_stderr():
+  done = subprocess.run([sys.executable, "-m", "dlax.cli", "train", "--config", "tiny_demo",
+                         "optimizer.b1=2"], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip() == ("dlax train: config error: optimizer: OptimizerConfig: b1 and "
+                                 "b2 must be in [0, 1), got 2.0, 0.95")
+  assert "Traceback" not in done.stderr
+
+
+def _table(out: str) -> dict[str, str]:
+  """The rows of a printed result table."""
+  rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+  return {name.strip(): value.strip() for name, value in rows}
+
+
+def test_train_then_eval(tmp_path, capsys):
+  """Data × fsdp × tensor when the process has 8 devices (tests/conftest.py), else data only."""
+  mesh = ["mesh.fsdp=2", "mesh.tensor=2"] if jax.device_count() == 8 else []
+  run = [*TINY, *mesh, f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}"]
+  assert main(["train", "--config", "tiny_demo", "steps=3", *run]) == 0
+  trained = capsys.readouterr().out
+  assert "| steps " in trained and "| eval perplexity " in trained
+  assert main(["eval", "--config", "tiny_demo", "--checkpoint", f"{tmp_path}/ckpt", *run]) == 0
+  evaluated = capsys.readouterr().out
+  assert _table(evaluated)["checkpoint step"] == "3"
+  assert _table(evaluated)["eval perplexity"] == _table(trained)["eval perplexity"]
+  with pytest.raises(SystemExit, match=r"already holds steps \[3\]"):
+    main(["train", "--config", "tiny_demo", "--fresh", "steps=3", *run])
