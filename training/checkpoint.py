@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 import math
+import os
 import threading
 import warnings
 from typing import Any, NamedTuple
@@ -128,7 +129,7 @@ class Checkpointer:
                async_save: bool = True):
     if every_steps < 1 or keep < 1:
       raise ValueError(f"every_steps and keep must be >= 1, got {every_steps}, {keep}")
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(os.path.abspath(directory))   # orbax rejects relative paths
     self.every_steps, self.keep, self.async_save = every_steps, keep, async_save
     handler = ocp.CompositeCheckpointHandler()
     self._orbax = ocp.AsyncCheckpointer(handler) if async_save else ocp.Checkpointer(handler)

@@ -55,7 +55,7 @@ from dlax.models.config import ModelConfig
 from dlax.models.qwen3 import Qwen3Config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-BYTE_VOCAB = 256
+BYTE_VOCAB = 261          # dlax_training.data.ByteTokenizer: 256 bytes + 5 special tokens
 _NULLS = ("null", "none", "~")
 
 

@@ -47,7 +47,7 @@ def test_preset_loads_validates_and_round_trips(preset, tmp_path):
 
 def test_tiny_demo_is_the_tiny_dla_mamba2():
   config = load_config("tiny_demo")
-  assert config.model == tiny_config("mamba2", "dla")
+  assert config.model == tiny_config("mamba2", "dla", vocab_size=261)
   assert config.data.source == "embedded" and config.data.tokenizer == "byte"
   assert config.checkpoint.dir is not None and config.logging.dir is not None
 
@@ -290,7 +290,7 @@ def test_comet_section_needs_weights_or_backbone():
     ("tiny_demo", ["task=comet"], 1, "task='comet' needs the comet section and no model section"),
     ("comet_qwen3_0.6b", ["task=lm"], 8, "task='lm' needs the model section and no comet section"),
     ("tiny_demo", ["model.vocab_size=100"], 1,
-     "data.tokenizer='byte' needs a vocabulary of >= 256 tokens, the model has 100"),
+     "data.tokenizer='byte' needs a vocabulary of >= 261 tokens, the model has 100"),
     ("tiny_demo", ["data.source=mqar"], 1,
      "an MQAR example of data.mqar (224 byte tokens) does not fit in data.seq_len (128)"),
     ("tiny_demo", ["schedule.warmup_steps=400"], 1,
