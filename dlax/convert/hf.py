@@ -26,27 +26,25 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PLAIN_LAYER_PREFIX = "model.layers.{i}."
 
-# (dlax path inside `blocks`, HF key suffix, transposed, logical axes of the unstacked tensor)
+# (dlax path inside `blocks`, HF key suffix, transposed)
 _LAYER_KEYS = (
-    (("mixer_norm", "weight"), "input_layernorm.weight", False, (None,)),
-    (("mixer", "q_proj", "kernel"), "self_attn.q_proj.weight", True, ("embed", "heads")),
-    (("mixer", "k_proj", "kernel"), "self_attn.k_proj.weight", True, ("embed", "heads")),
-    (("mixer", "v_proj", "kernel"), "self_attn.v_proj.weight", True, ("embed", "heads")),
-    (("mixer", "o_proj", "kernel"), "self_attn.o_proj.weight", True, ("heads", "embed")),
-    (("mixer", "q_norm", "weight"), "self_attn.q_norm.weight", False, (None,)),
-    (("mixer", "k_norm", "weight"), "self_attn.k_norm.weight", False, (None,)),
-    (("mlp_norm", "weight"), "post_attention_layernorm.weight", False, (None,)),
-    (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", True, ("embed", "mlp")),
-    (("mlp", "up", "kernel"), "mlp.up_proj.weight", True, ("embed", "mlp")),
-    (("mlp", "down", "kernel"), "mlp.down_proj.weight", True, ("mlp", "embed")),
+    (("mixer_norm", "weight"), "input_layernorm.weight", False),
+    (("mixer", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
+    (("mixer", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
+    (("mixer", "v_proj", "kernel"), "self_attn.v_proj.weight", True),
+    (("mixer", "o_proj", "kernel"), "self_attn.o_proj.weight", True),
+    (("mixer", "q_norm", "weight"), "self_attn.q_norm.weight", False),
+    (("mixer", "k_norm", "weight"), "self_attn.k_norm.weight", False),
+    (("mlp_norm", "weight"), "post_attention_layernorm.weight", False),
+    (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", True),
+    (("mlp", "up", "kernel"), "mlp.up_proj.weight", True),
+    (("mlp", "down", "kernel"), "mlp.down_proj.weight", True),
 )
 _GLOBAL_KEYS = (
-    (("embedding",), "model.embed_tokens.weight", False, ("vocab", "embed")),
-    (("final_norm", "weight"), "model.norm.weight", False, (None,)),
-    (("head", "kernel"), "lm_head.weight", True, ("embed", "vocab")),
+    (("embedding",), "model.embed_tokens.weight", False),
+    (("final_norm", "weight"), "model.norm.weight", False),
+    (("head", "kernel"), "lm_head.weight", True),
 )
-# Logical axis -> mesh axis; a mesh axis is used only when the mesh has it and it divides the dim.
-DEFAULT_RULES = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")     # non-persistent buffers of old checkpoints
 
@@ -169,9 +167,9 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: Qwen3Config,
     raise ValueError("lm_head.weight differs from model.embed_tokens.weight, but "
                      "tie_word_embeddings is true")
   params: dict[str, Any] = {}
-  for path, key, transpose, _ in _global_keys(config):
+  for path, key, transpose in _global_keys(config):
     _set(params, path, tensors[key].T if transpose else tensors[key])
-  for path, suffix, transpose, _ in _LAYER_KEYS:
+  for path, suffix, transpose in _LAYER_KEYS:
     layers = [tensors[layer_prefix.format(i=i) + suffix] for i in range(config.num_hidden_layers)]
     _set(params, ("blocks", *path), np.stack([a.T if transpose else a for a in layers]))
   return params
@@ -181,10 +179,10 @@ def params_to_hf(params: dict[str, Any], config: Qwen3Config,
                  layer_prefix: str = PLAIN_LAYER_PREFIX) -> dict[str, np.ndarray]:
   """dlax's nested parameter dict (numpy) -> HF tensors (tied lm_head omitted)."""
   out = {}
-  for path, key, transpose, _ in _global_keys(config):
+  for path, key, transpose in _global_keys(config):
     a = _get(params, path)
     out[key] = np.ascontiguousarray(a.T if transpose else a)
-  for path, suffix, transpose, _ in _LAYER_KEYS:
+  for path, suffix, transpose in _LAYER_KEYS:
     stacked = _get(params, ("blocks", *path))
     for i in range(config.num_hidden_layers):
       out[layer_prefix.format(i=i) + suffix] = np.ascontiguousarray(
@@ -228,63 +226,54 @@ def _get(tree: dict, path):
   return tree
 
 
-# -------------------------------------------------------------------------------- sharding
-
-def param_shardings(config: Qwen3Config, mesh, rules=DEFAULT_RULES) -> dict[str, Any]:
-  """Nested dict of NamedShardings (same layout as `hf_to_params`) from logical-axis `rules`;
-  a mesh axis shards a dim only when the mesh has it and its size divides the dim."""
-  rules = dict(rules)
-  shapes = qwen3_shapes(config)
-
-  def sharding(axes, shape):
-    spec = []
-    for axis, dim in zip(axes, shape):
-      name = rules.get(axis)
-      ok = name in mesh.shape and dim % mesh.shape[name] == 0 and name not in spec
-      spec.append(name if ok else None)
-    return NamedSharding(mesh, PartitionSpec(*spec))
-
-  out: dict[str, Any] = {}
-  for path, key, transpose, axes in _global_keys(config):
-    shape = shapes[key][::-1] if transpose else shapes[key]
-    _set(out, path, sharding(axes, shape))
-  first = PLAIN_LAYER_PREFIX.format(i=0)
-  for path, suffix, transpose, axes in _LAYER_KEYS:
-    shape = shapes[first + suffix][::-1] if transpose else shapes[first + suffix]
-    _set(out, ("blocks", *path),
-         sharding((None, *axes), (config.num_hidden_layers, *shape)))
-  return out
-
+# ------------------------------------------------------------------------------ placement
 
 def _active_mesh():
   mesh = jax.sharding.get_mesh()
   return None if mesh is None or mesh.empty else mesh
 
 
+def load_rules():
+  """Default logical-axis rules for loading: `dlax.parallel`'s table with the stacked layer axis
+  replicated (`COMET_PIPELINE_RULES`: embed→fsdp, heads/mlp/vocab→tensor)."""
+  from dlax.parallel.comet_pipeline import COMET_PIPELINE_RULES   # dlax.parallel imports models
+  return COMET_PIPELINE_RULES
+
+
+def placed_model(abstract, params, *, param_dtype, mesh=None, rules=None,
+                 replicated: tuple[str, ...] = ()):
+  """`abstract` (from `nnx.eval_shape`) with `params` (its nested pure dict of numpy arrays) cast to
+  `param_dtype` and put on the devices: with a mesh (given, or active via `jax.set_mesh`) sharded
+  by `dlax.parallel.param_shardings(..., rules or load_rules())`, the top-level subtrees named in
+  `replicated` replicated; otherwise on the default device."""
+  graphdef, state = nnx.split(abstract)
+  mesh = mesh if mesh is not None else _active_mesh()
+  if mesh is None:
+    params = jax.tree.map(lambda a: jax.device_put(np.asarray(a).astype(param_dtype)), params)
+  else:
+    from dlax.parallel.mesh import param_shardings
+    shardings = nnx.to_pure_dict(param_shardings(state, mesh, rules or load_rules()))
+    for name in replicated:
+      if name in shardings:
+        shardings[name] = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()),
+                                       shardings[name])
+    params = jax.tree.map(
+        lambda a, s: jax.device_put(np.asarray(a).astype(param_dtype), s), params, shardings)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
 # ------------------------------------------------------------------------------ load / save
 
 def load_qwen3(path, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = True,
-               mesh=None, rules=DEFAULT_RULES) -> Qwen3ForCausalLM:
-  """`Qwen3ForCausalLM` with the weights of an HF folder, cast to `param_dtype`.
-
-  With a mesh (given, or active via `jax.set_mesh`) parameters are placed with the shardings
-  of `param_shardings(config, mesh, rules)`; otherwise on the default device.
-  """
+               mesh=None, rules=None) -> Qwen3ForCausalLM:
+  """`Qwen3ForCausalLM` with the weights of an HF folder, cast to `param_dtype` and placed by
+  `placed_model` (sharded by the logical-axis `rules` when a mesh is given or active)."""
   config = Qwen3Config.from_hf_dict(read_config(path))
   params = hf_to_params(read_weights(path), config)
-  mesh = mesh if mesh is not None else _active_mesh()
-  shardings = param_shardings(config, mesh, rules) if mesh is not None else None
-
-  def place(a, sharding=None):
-    return jax.device_put(np.asarray(a).astype(param_dtype), sharding)
-
-  params = (jax.tree.map(place, params) if shardings is None
-            else jax.tree.map(place, params, shardings))
   abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(
       config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return placed_model(abstract, params, param_dtype=param_dtype, mesh=mesh, rules=rules)
 
 
 def save_qwen3(model: Qwen3ForCausalLM, path, *, dtype: str = "float32",

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from dlax.convert.hf import (_active_mesh, _get, _set, hf_to_params, param_shardings,
-                             params_to_hf, qwen3_shapes, read_config, read_weights, write_folder)
+from dlax.convert.hf import (_get, _set, hf_to_params, params_to_hf, placed_model, qwen3_shapes,
+                             read_config, read_weights, write_folder)
 from dlax.models.comet.config import HF_FIELDS, CometConfig
 from dlax.models.comet.memory import OFFICIAL_KEYS
 from dlax.models.comet.model import CometForCausalLM, MemoryNets
@@ -334,7 +333,7 @@ def load_comet(path, config: CometConfig | None = None, *, dtype=jnp.float32,
   (the paper recipe with stock-Qwen3 ids).
 
   Parameters are cast to `param_dtype`; with a mesh (given, or active via `jax.set_mesh`) the
-  backbone is placed with `param_shardings` and the memory nets are replicated.
+  backbone is sharded by `dlax.convert.hf.placed_model`'s rules and the memory nets are replicated.
   `attention_impl` as in `CometForCausalLM`.
   """
   raw, tensors = read_config(path), read_weights(path)
@@ -342,25 +341,11 @@ def load_comet(path, config: CometConfig | None = None, *, dtype=jnp.float32,
     params, backbone_config, config = _import_official(raw, tensors, config)
   else:
     params, backbone_config, config = _import_base(raw, tensors, config or CometConfig(), seed)
-  mesh = mesh if mesh is not None else _active_mesh()
-
-  def place(a, sharding=None):
-    return jax.device_put(np.asarray(a).astype(param_dtype), sharding)
-
-  if mesh is None:
-    params = jax.tree.map(place, params)
-  else:
-    shardings = {"backbone": param_shardings(backbone_config, mesh)}
-    if "memory_nets" in params:
-      replicated = NamedSharding(mesh, PartitionSpec())
-      shardings["memory_nets"] = jax.tree.map(lambda _: replicated, params["memory_nets"])
-    params = jax.tree.map(place, params, shardings)
   abstract = nnx.eval_shape(lambda: CometForCausalLM(
       backbone_config, config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
       attention_impl=attention_impl))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return placed_model(abstract, params, param_dtype=param_dtype, mesh=mesh,
+                      replicated=("memory_nets",))
 
 
 def _plain_qwen3_config(backbone_config: Qwen3Config) -> Qwen3Config:
