@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from dlax.models.comet.layout import ChunkLayout
-from dlax.models.comet.model import CometForCausalLM, comet_cell, token_loss_sums
+from dlax.models.comet.model import CometForCausalLM, token_loss_sums
 from dlax.parallel.mesh import LOGICAL_AXIS_RULES
 
 STAGE, DATA = "stage", "data"
@@ -56,13 +56,8 @@ def _layer_step(model: CometForCausalLM, chunks: ChunkLayout, axes: tuple[str, .
   lockstep, so this costs no time, and collectives that the partitioner puts inside a `cond`
   (fsdp / tensor sharding) deadlock when the stages take different branches.
   """
-  graphdef, params = nnx.split((model.backbone.blocks, model.memory_nets))
+  params, cell = model.stacked_cells()
   params = _vary(params, axes)
-
-  @jax.checkpoint
-  def cell(layer_params, x, memory, M, chunk):
-    block, nets = nnx.merge(graphdef, layer_params)
-    return comet_cell(block, nets, x, memory, M, chunk)
 
   def over_chunks(layer_params, h, memory):
     def body(memory, inputs):

@@ -24,7 +24,6 @@ from dlax.layers.attention import KVCache
 from dlax.models.comet.layout import (ChunkLayout, build_layout, build_prompt_layout,
                                       concat_chunks, stack_chunks, take_chunks, truncate_chunks)
 from dlax.models.comet.memory import inject_memory
-from dlax.models.comet.model import comet_cell
 
 
 class PromptBatch(NamedTuple):
@@ -80,19 +79,14 @@ def layout_prompts(prompts: Sequence[np.ndarray], config) -> PromptBatch:
 
 # ----------------------------------------------------------------------------- device steps
 
-def _split_layers(model):
-  return nnx.split((model.backbone.blocks, model.memory_nets))
-
-
 @nnx.jit(donate_argnums=1)
 def advance_memory(model, state, chunk: ChunkLayout):
   """One prefill chunk through all layers: state (memory, M) stacked on [L] → updated state."""
-  graphdef, params = _split_layers(model)
+  params, cell = model.stacked_cells(remat=False)
 
   def layer(x, inputs):
     layer_params, memory, M = inputs
-    block, nets = nnx.merge(graphdef, layer_params)
-    y, memory, M = comet_cell(block, nets, x, memory, M, chunk)
+    y, memory, M = cell(layer_params, x, memory, M, chunk)
     return y, (memory, M)
 
   _, state = jax.lax.scan(layer, model.backbone._embed(chunk.input_ids), (params, *state))
@@ -104,12 +98,12 @@ def prefill_final_chunk(model, state, final: ChunkLayout, cache_length: int):
   """Final prompt chunk with memory injected → (logits `[B, V]` at its last token, stacked KV
   cache `[L, B, cache_length, KV, hd]`). Its padding lies after every valid query, so plain
   causal attention needs no key mask; decoding overwrites the padded cache rows before use."""
-  graphdef, params = _split_layers(model)
+  graphdef, params = nnx.split(model.backbone.blocks)
   pad = cache_length - final.input_ids.shape[1]
 
   def layer(x, inputs):
     layer_params, memory, M = inputs
-    block, _ = nnx.merge(graphdef, layer_params)
+    block = nnx.merge(graphdef, layer_params)
     x = inject_memory(x, memory, M, final.gslot_idx, final.tslot_idx)
     y, kv = block(x)
     grow = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))

@@ -187,6 +187,18 @@ class CometForCausalLM(nnx.Module):
     n_chunks = max(1, *map(len, plans))           # at least one (then empty) chunk
     return build_batch(examples, self.config, n_chunks=n_chunks, layout=layout)
 
+  def stacked_cells(self, *, remat: bool = True):
+    """(params, cell): the per-layer parameters (backbone block + memory nets) stacked on [L], and
+    `cell(layer_params, x, memory, M, chunk) -> (y, memory, M)` running `comet_cell` on one
+    layer's slice of them (under `jax.checkpoint` when `remat`). Scans over layers feed it."""
+    graphdef, params = nnx.split((self.backbone.blocks, self.memory_nets))
+
+    def cell(layer_params, x, memory, M, chunk):
+      block, nets = nnx.merge(graphdef, layer_params)
+      return comet_cell(block, nets, x, memory, M, chunk)
+
+    return params, (jax.checkpoint(cell) if remat else cell)
+
   def _forward_hidden(self, layout: Layout, order: Order):
     """Last-layer hidden states (`[N, B, L, d]` uniform, list of `[B, L_τ, d]` exact) and the
     final (memory, M). Both orders share the rematerialised cell and `_over_chunks`."""
@@ -199,12 +211,7 @@ class CometForCausalLM(nnx.Module):
       xs = [self.backbone._embed(chunk.input_ids) for chunk in chunks]           # [B, L_τ, d]
       batch = xs[0].shape[0]
     state = self.init_memory(batch)
-    graphdef, params = nnx.split((self.backbone.blocks, self.memory_nets))
-
-    @jax.checkpoint
-    def cell(layer_params, x, memory, M, chunk):
-      block, nets = nnx.merge(graphdef, layer_params)
-      return comet_cell(block, nets, x, memory, M, chunk)
+    params, cell = self.stacked_cells()
 
     if order == "chunk":
       def chunk_step(state, inputs):
