@@ -1,5 +1,8 @@
 """Pallas kernels for dlax ops (imported as `dlax_kernels`).
 
-GPU kernels (pallas_call -> Triton) and TPU kernels (Mosaic) live in separate modules and are
-selected through each op's `impl=` argument. The XLA path in `dlax.ops` is always the fallback.
+One module per (op, backend): `<op>_triton` (GPU: `pallas_call` lowered through Triton) and
+`<op>_tpu` (Mosaic), each exposing a function named after the op with the signature of the op's
+chunked XLA implementation in `dlax.ops` and a `custom_vjp` backward. The ops select them with
+`impl="pallas_triton"` / `"pallas_tpu"` (None: the platform's kernel when one exists); the XLA
+path stays the fallback. Kernels import JAX and `dlax_kernels.common` only.
 """

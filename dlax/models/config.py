@@ -77,6 +77,8 @@ class ModelConfig:
   """A decoder-only LM: n_layers × [RMSNorm → mixer → +, RMSNorm → SwiGLU → +], RMSNorm, head.
 
   `dtype` is the compute dtype and `param_dtype` the storage dtype (names such as "bfloat16").
+  `impl` picks the linear-attention backend of `dlax.ops` ("chunked" XLA, "pallas_triton",
+  "pallas_tpu", None = the platform's kernel, ...).
   Only the sub-config of the chosen `mixer` is used. `multistate` replaces the core of a Mamba-2 or
   GDN mixer by Log-Linear attention (`log_linear`) or DLA (`dla`).
   """
@@ -89,7 +91,7 @@ class ModelConfig:
   init_std: float = 0.02
   norm_eps: float = 1e-6
   chunk_size: int = 64
-  impl: str = "chunked"
+  impl: str | None = "chunked"
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = True
@@ -104,8 +106,8 @@ class ModelConfig:
     _check_positive(self, "vocab_size", "d_model", "n_layers", "d_ff", "chunk_size")
     if self.mixer not in MIXERS:
       _fail(self, f"mixer must be one of {MIXERS}, got {self.mixer!r}")
-    if self.impl not in IMPLS:
-      _fail(self, f"impl must be one of {IMPLS}, got {self.impl!r}")
+    if self.impl is not None and self.impl not in IMPLS:
+      _fail(self, f"impl must be None or one of {IMPLS}, got {self.impl!r}")
     if self.chunk_size > MAX_CHUNK_SIZE:
       _fail(self, f"chunk_size must be <= {MAX_CHUNK_SIZE}, got {self.chunk_size}")
     if not self.init_std > 0 or not self.norm_eps > 0:

@@ -6,13 +6,18 @@ float32/float64), beta `[B, T, H]`, states `[B, H, Dk, Dv]`.
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-Impl = Literal["chunked", "recurrent", "masked"]
-IMPLS: tuple[str, ...] = ("chunked", "recurrent", "masked")
+Impl = Literal["chunked", "recurrent", "masked", "pallas_triton", "pallas_tpu"] | None
+XLA_IMPLS: tuple[str, ...] = ("chunked", "recurrent", "masked")
+# Pallas backends: `dlax_kernels.<op>_<suffix>.<op>` (pallas_call -> Triton, or Mosaic TPU).
+KERNEL_IMPLS: dict[str, str] = {"pallas_triton": "triton", "pallas_tpu": "tpu"}
+IMPLS: tuple[str, ...] = XLA_IMPLS + tuple(KERNEL_IMPLS)
+PLATFORM_IMPLS: dict[str, str] = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}
 MAX_CHUNK_SIZE = 256
 
 
@@ -35,9 +40,39 @@ def require_beta(op: str, beta) -> None:
     _fail(op, "beta ([B, T, H] write strength) is required; use ssd for the scalar-gated rule")
 
 
-def check_impl(op: str, impl: str) -> None:
-  if impl not in IMPLS:
-    _fail(op, f"impl must be one of {IMPLS}, got {impl!r}")
+def check_impl(op: str, impl: str | None) -> None:
+  if impl is not None and impl not in IMPLS:
+    _fail(op, f"impl must be None or one of {IMPLS}, got {impl!r}")
+
+
+def resolve_impl(op: str, impl: str | None) -> str:
+  """`impl`, or for None the platform's kernel backend when `op` has one (GPU: pallas_triton,
+  TPU: pallas_tpu), else "chunked" (the XLA path, always available)."""
+  check_impl(op, impl)
+  if impl is not None:
+    return impl
+  platform_impl = PLATFORM_IMPLS.get(jax.default_backend())
+  if platform_impl is not None and _kernel_module(op, platform_impl, required=False) is not None:
+    return platform_impl
+  return "chunked"
+
+
+def _kernel_module(op: str, impl: str, *, required: bool):
+  name = f"dlax_kernels.{op}_{KERNEL_IMPLS[impl]}"
+  try:
+    return importlib.import_module(name)
+  except ModuleNotFoundError as error:
+    if error.name != name:
+      raise
+    if required:
+      raise NotImplementedError(f"{op}: no {impl} kernel ({name} does not exist); use "
+                                "impl='chunked' (the XLA path)") from None
+    return None
+
+
+def kernel(op: str, impl: str):
+  """The Pallas implementation `dlax_kernels.<op>_<triton|tpu>.<op>` of `op` for `impl`."""
+  return getattr(_kernel_module(op, impl, required=True), op)
 
 
 def check_chunk_size(op: str, chunk_size: int) -> None:

@@ -63,7 +63,7 @@ def test_tiny_presets_are_byte_level(mixer):
     (lambda: tiny_config("mamba2", d_model=60), r"d_model·expand = 120 .*headdim \(16\)"),
     (lambda: tiny_config("attention", d_model=0), "d_model must be a positive int"),
     (lambda: tiny_config("attention", n_layers=2.0), "n_layers must be a positive int"),
-    (lambda: tiny_config("attention", impl="fast"), "impl must be one of"),
+    (lambda: tiny_config("attention", impl="fast"), "impl must be None or one of"),
     (lambda: tiny_config("attention", chunk_size=512), "chunk_size must be <= 256"),
     (lambda: tiny_config("attention", dtype="int8"), "dtype must name a floating dtype"),
     (lambda: tiny_config("attention", param_dtype="float17"), "param_dtype must name"),

@@ -72,7 +72,7 @@ BAD_CALLS = {  # name: (inputs -> bad inputs, extra kwargs, error pattern after 
     "chunk_257": (_SAME, {"chunk_size": 257}, r"chunk_size must be in \[1, 256\], got 257"),
     "chunk_float": (_SAME, {"chunk_size": 8.0}, "chunk_size must be a Python int"),
     "chunk_bool": (_SAME, {"chunk_size": True}, "chunk_size must be a Python int"),
-    "unknown_impl": (_SAME, {"impl": "fast"}, "impl must be one of"),
+    "unknown_impl": (_SAME, {"impl": "fast"}, "impl must be None or one of"),
     "state_shape": (_SAME, {"initial_state": jnp.ones((2, 2, 3, 5), jnp.float64)},
                     r"initial_state must have shape \(2, 2, 3, 4\)"),
 }

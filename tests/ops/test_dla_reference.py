@@ -749,7 +749,7 @@ BAD_CALLS = {  # name -> (x, lam, kwargs) -> (x', lam', kwargs'), pattern after 
         "impl='masked' supports neither initial_cache nor return_cache"),
     "masked_return_cache": (lambda x, l, kw: (x, l, {**kw, "impl": "masked", "return_cache": True}),
                             "impl='masked' supports neither"),
-    "impl": (lambda x, l, kw: (x, l, {**kw, "impl": "fast"}), "impl must be one of"),
+    "impl": (lambda x, l, kw: (x, l, {**kw, "impl": "fast"}), "impl must be None or one of"),
     "chunk_size": (lambda x, l, kw: (x, l, {**kw, "chunk_size": 0}), r"chunk_size must be in"),
     "q_k_mismatch": (lambda x, l, kw: (x._replace(k=x.k[..., :-1]), l, kw),
                      "q and k must have the same shape"),

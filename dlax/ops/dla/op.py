@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs,
-                             is_tracer)
+from dlax.ops.common import (Impl, KERNEL_IMPLS, accumulator_dtype, check_chunk_size, check_inputs,
+                             is_tracer, kernel, resolve_impl)
 from dlax.ops.dla.bookkeeping import replay_blocks, segment_resets
 from dlax.ops.dla.chunked import dla_chunked
 from dlax.ops.dla.naive import cast_cache, dla_masked, dla_recurrent, dla_step_reference
@@ -121,7 +121,9 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     segment_ids: optional `[B, T]` int; a change of id empties the cache before the token.
     decisions: optional `DLADecisions` (`[B, T, H]` fields) forcing boundaries and merges.
     return_cache, return_aux: also return the final `DLACache` / the `DLADecisions` record.
-    impl: "chunked", "recurrent" (oracle) or "masked" (O(T²) reference).
+    impl: "chunked" (XLA), "recurrent" (oracle), "masked" (O(T²) reference), "pallas_triton" /
+      "pallas_tpu" (kernels, with `dla_chunked`'s signature; interpret mode on CPU), or None:
+      the platform's kernel on GPU/TPU, else "chunked".
     remat_every: chunked only; chunks per `jax.checkpoint` group (§7.3): the backward pass
       keeps one cache per group and recomputes the chunks inside it.
     debug: check eagerly that injected `decisions` are legal (§5.4) instead of legalising them.
@@ -134,7 +136,7 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     order. The cache and the scores are fp32 (fp64 for fp64 inputs).
   """
   op = "dla_attention"
-  check_impl(op, impl)
+  impl = resolve_impl("dla", impl)
   check_chunk_size(op, chunk_size)
   check_inputs(op, q, k, v, g, beta=beta)
   _check_options(op, capacity, score_ref)
@@ -166,8 +168,9 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
   elif impl == "recurrent":
     o, cache, aux = dla_recurrent(q, k, v, g, lam, beta, initial_cache=initial_cache, **options)
   else:
-    o, cache, aux = dla_chunked(q, k, v, g, lam, beta, chunk_size=chunk_size,
-                                initial_cache=initial_cache, remat_every=remat_every, **options)
+    chunked = dla_chunked if impl == "chunked" else kernel("dla", impl)
+    o, cache, aux = chunked(q, k, v, g, lam, beta, chunk_size=chunk_size,
+                            initial_cache=initial_cache, remat_every=remat_every, **options)
   outputs = (o,) + ((cache,) if return_cache else ()) + ((aux,) if return_aux else ())
   return outputs[0] if len(outputs) == 1 else outputs
 

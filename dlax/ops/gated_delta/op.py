@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs,
-                             default_scale, require_beta)
+from dlax.ops.common import (Impl, KERNEL_IMPLS, accumulator_dtype, check_chunk_size, check_inputs,
+                             default_scale, kernel, require_beta, resolve_impl)
 from dlax.ops.gated_delta.chunked import gated_delta_chunked
 from dlax.ops.gated_delta.naive import (gated_delta_masked, gated_delta_recurrent,
                                         gated_delta_step_reference)
@@ -24,16 +24,21 @@ def gated_delta(q, k, v, g, beta, *, scale: float | None = None, initial_state=N
     scale: query scale; defaults to `Dk ** -0.5`.
     initial_state: optional `[B, H, Dk, Dv]` state to continue from.
     chunk_size: C in [1, 256] for `impl="chunked"`; T need not be a multiple of C.
-    impl: "chunked" (default), "recurrent" (token-by-token oracle) or "masked" (O(T²)).
+    impl: "chunked" (default, XLA), "recurrent" (token-by-token oracle), "masked" (O(T²)),
+      "pallas_triton" / "pallas_tpu" (kernels; interpret mode on CPU), or None: the platform's
+      kernel on GPU/TPU, else "chunked".
 
   Returns:
     (o `[B, T, H, Dv]` in v's dtype, final state `[B, H, Dk, Dv]` in fp32, or fp64 for fp64 inputs).
   """
-  check_impl("gated_delta", impl)
+  impl = resolve_impl("gated_delta", impl)
   require_beta("gated_delta", beta)
   check_chunk_size("gated_delta", chunk_size)
   check_inputs("gated_delta", q, k, v, g, beta=beta, initial_state=initial_state)
   scale = default_scale(q, scale)
+  if impl in KERNEL_IMPLS:
+    return kernel("gated_delta", impl)(q, k, v, g, beta, scale=scale, chunk_size=chunk_size,
+                                       initial_state=initial_state)
   if impl == "recurrent":
     return gated_delta_recurrent(q, k, v, g, beta, scale=scale, initial_state=initial_state)
   if impl == "masked":

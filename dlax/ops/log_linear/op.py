@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs,
-                             is_tracer)
+from dlax.ops.common import (Impl, KERNEL_IMPLS, accumulator_dtype, check_chunk_size, check_inputs,
+                             is_tracer, kernel, resolve_impl)
 from dlax.ops.log_linear.chunked import log_linear_chunked
 from dlax.ops.log_linear.levels import LEVELS_MAX, LogLinearState, max_positions
 from dlax.ops.log_linear.naive import (log_linear_masked, log_linear_recurrent,
@@ -66,14 +66,14 @@ def log_linear_attention(q, k, v, g, lam, beta=None, *, scale: float = 1.0, chun
     chunk_size: power of two C in [1, 256]; T need not be a multiple of C.
     initial_state: optional `LogLinearState` to continue from (any `pos`, per batch row).
     impl: "chunked" (default), "recurrent" (token-by-token oracle) or "masked" (O(T²), from
-      position 0 only).
+      position 0 only); None is "chunked" (there is no Pallas kernel for this op).
 
   Returns:
     (o `[B, T, H, Dv]` in v's dtype, final `LogLinearState` with S in fp32, or fp64 for fp64
     inputs, and `LEVELS_MAX` levels unless `initial_state` has another count).
   """
   op = "log_linear_attention"
-  check_impl(op, impl)
+  impl = resolve_impl("log_linear", impl)
   _check_chunk_size(op, chunk_size)
   check_inputs(op, q, k, v, g, beta=beta)
   _check_lam(op, lam, q.shape[:-1])
@@ -99,6 +99,9 @@ def log_linear_attention(q, k, v, g, lam, beta=None, *, scale: float = 1.0, chun
     o, state = log_linear_recurrent(*inputs, start, scale=scale)
   elif impl == "masked":
     o, state = log_linear_masked(*inputs, scale=scale)
+  elif impl in KERNEL_IMPLS:
+    o, state = kernel("log_linear", impl)(*inputs, initial_state, scale=scale,
+                                          chunk_size=chunk_size)
   else:
     o, state = log_linear_chunked(*inputs, initial_state, scale=scale, chunk_size=chunk_size)
   return o.astype(v.dtype), state

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_impl, check_inputs,
-                             default_scale)
+from dlax.ops.common import (Impl, KERNEL_IMPLS, accumulator_dtype, check_chunk_size, check_inputs,
+                             default_scale, kernel, resolve_impl)
 from dlax.ops.ssd.chunked import ssd_chunked
 from dlax.ops.ssd.naive import ssd_masked, ssd_recurrent, ssd_step_reference
 
@@ -19,15 +19,20 @@ def ssd(q, k, v, g, *, scale: float | None = None, initial_state=None, chunk_siz
     scale: query scale; defaults to `Dk ** -0.5` (fla's convention). Mamba-2 uses 1.0.
     initial_state: optional `[B, H, Dk, Dv]` state to continue from.
     chunk_size: C in [1, 256] for `impl="chunked"`; T need not be a multiple of C.
-    impl: "chunked" (default), "recurrent" (token-by-token oracle) or "masked" (O(T²)).
+    impl: "chunked" (default, XLA), "recurrent" (token-by-token oracle), "masked" (O(T²)),
+      "pallas_triton" / "pallas_tpu" (kernels; interpret mode on CPU), or None: the platform's
+      kernel on GPU/TPU, else "chunked".
 
   Returns:
     (o `[B, T, H, Dv]` in v's dtype, final state `[B, H, Dk, Dv]` in fp32, or fp64 for fp64 inputs).
   """
-  check_impl("ssd", impl)
+  impl = resolve_impl("ssd", impl)
   check_chunk_size("ssd", chunk_size)
   check_inputs("ssd", q, k, v, g, initial_state=initial_state)
   scale = default_scale(q, scale)
+  if impl in KERNEL_IMPLS:
+    return kernel("ssd", impl)(q, k, v, g, scale=scale, chunk_size=chunk_size,
+                               initial_state=initial_state)
   if impl == "recurrent":
     return ssd_recurrent(q, k, v, g, scale=scale, initial_state=initial_state)
   if impl == "masked":
