@@ -2,8 +2,9 @@
 
     dlax train --config PRESET_OR_YAML [--fresh] [--distributed] [section.key=value ...]
     dlax eval --config PRESET_OR_YAML [--checkpoint DIR] [--distributed] [section.key=value ...]
-    dlax generate --model DIR --prompt-file FILE [--max-new-tokens 64] [--temperature 0]
-                  [--top-p 1] [--seed 0] [--dtype bfloat16] [--per-line] [--ids]
+    dlax generate (--model DIR | --config PRESET_OR_YAML [--checkpoint DIR] [section.key=value ...])
+                  --prompt-file FILE [--max-new-tokens 64] [--temperature 0] [--top-p 1]
+                  [--seed 0] [--dtype bfloat16] [--per-line] [--ids] [--json]
 
 `train` runs `dlax_training.loop.train` on a preset of `configs/` (or a YAML file) with `a.b=c`
 overrides, resuming from the newest intact checkpoint of `checkpoint.dir` unless `--fresh`, and
@@ -12,10 +13,13 @@ prints a result table. `eval` evaluates the newest checkpoint of `--checkpoint` 
 are reported before anything is compiled; a NaN or inf loss stops training with a diagnostic.
 `--distributed` starts multi-host JAX (see `dlax_training.loop`).
 
-`generate` loads a CoMeT folder (official layout, or a plain HF Qwen3 folder whose memory is then
-freshly initialised) and continues each prompt. Text goes through the folder's `tokenizer.json`;
-with `--ids` the file holds whitespace-separated token ids instead. The whole file is one prompt,
-or each non-empty line is one with `--per-line` (a batch of different lengths).
+`generate` continues each prompt with a saved model: `--model` names a CoMeT folder (official
+layout, or a plain HF Qwen3 folder whose memory is then freshly initialised; text goes through
+its `tokenizer.json`), `--config` a training run (any task: DLA, base and Transformer LMs, or
+CoMeT) whose newest checkpoint in `--checkpoint` (default `checkpoint.dir`) is restored; text then
+goes through the run's tokenizer (`data.tokenizer`) and generation stops at its eos. With `--ids`
+the file holds whitespace-separated token ids instead. The whole file is one prompt, or each
+non-empty line is one with `--per-line` (a batch of different lengths).
 """
 
 from __future__ import annotations
@@ -58,30 +62,66 @@ def _load_tokenizer(model_dir: str):
   return Tokenizer.from_file(path)
 
 
-def generate_command(args) -> list[dict]:
+def _encode_prompts(prompts: list[str], encode) -> list[np.ndarray]:
+  if encode is None:
+    return [_parse_ids(p, i) for i, p in enumerate(prompts)]
+  return [np.asarray(encode(p), np.int32) for p in prompts]
+
+
+def _results(prompts: list[str], tokens: np.ndarray, num_tokens: np.ndarray, decode) -> list[dict]:
+  results = []
+  for row, prompt in enumerate(prompts):
+    new = tokens[row, :num_tokens[row]].tolist()
+    result = {"prompt": prompt, "token_ids": new}
+    if decode is not None:
+      result["text"] = decode(new)
+    results.append(result)
+  return results
+
+
+def _generate_from_folder(args, prompts: list[str]) -> list[dict]:
+  """A CoMeT / HF Qwen3 folder with its `tokenizer.json`."""
   import jax.numpy as jnp
 
   from dlax.models.comet import CometForCausalLM
-  prompts = _read_prompts(args.prompt_file, args.per_line)
   tokenizer = None if args.ids else _load_tokenizer(args.model)
-  ids = ([_parse_ids(p, i) for i, p in enumerate(prompts)] if tokenizer is None else
-         [np.asarray(tokenizer.encode(p, add_special_tokens=False).ids, np.int32)
-          for p in prompts])
+  ids = _encode_prompts(prompts, None if tokenizer is None else
+                        lambda p: tokenizer.encode(p, add_special_tokens=False).ids)
   model = CometForCausalLM.from_pretrained(args.model, dtype=jnp.dtype(args.dtype),
                                            param_dtype=jnp.float32)
-  eos = model.backbone.hf_config.eos_token_id
-  pad = model.backbone.hf_config.pad_token_id
-  tokens = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, eos_token_id=eos,
-                          pad_token_id=pad, return_details=True)
-  results = []
-  for row, prompt in enumerate(prompts):
-    new = tokens.tokens[row, :tokens.num_tokens[row]].tolist()
-    result = {"prompt": prompt, "token_ids": new}
-    if tokenizer is not None:
-      result["text"] = tokenizer.decode(new, skip_special_tokens=True)
-    results.append(result)
-  return results
+  hf_config = model.backbone.hf_config
+  out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, eos_token_id=hf_config.eos_token_id,
+                       pad_token_id=hf_config.pad_token_id, return_details=True)
+  decode = None if tokenizer is None else lambda new: tokenizer.decode(new,
+                                                                       skip_special_tokens=True)
+  return _results(prompts, out.tokens, out.num_tokens, decode)
+
+
+def _generate_from_checkpoint(args, prompts: list[str]) -> list[dict]:
+  """A training run's newest checkpoint, with the run's tokenizer."""
+  from dlax.models.lm_generation import generate
+  from dlax_training.loop import restore_checkpoint
+  session, _, params = restore_checkpoint(_load_config(args), args.checkpoint,
+                                          distributed=args.distributed or None)
+  tokenizer, model = session.tokenizer, session.model(params)
+  ids = _encode_prompts(prompts, None if args.ids else tokenizer.encode)
+  options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                 eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+  if session.config.task == "comet":
+    out = model.generate(ids, args.max_new_tokens, return_details=True, **options)
+  else:
+    out = generate(model, ids, args.max_new_tokens, **options)
+  return _results(prompts, out.tokens, out.num_tokens,
+                  None if args.ids else lambda new: tokenizer.decode(
+                      [i for i in new if i != tokenizer.eos_id]))
+
+
+def generate_command(args) -> list[dict]:
+  prompts = _read_prompts(args.prompt_file, args.per_line)
+  if args.model is not None:
+    return _generate_from_folder(args, prompts)
+  return _generate_from_checkpoint(args, prompts)
 
 
 def _load_config(args):
@@ -106,8 +146,8 @@ def eval_command(args) -> str:
   return format_table([("checkpoint step", str(step)), *summary_rows(config, results=results)])
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", required=True,
+def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+  parser.add_argument("--config", required=required,
                       help="a preset name in configs/ (e.g. tiny_demo) or a YAML file")
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first (multi-host runs)")
@@ -116,7 +156,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_training_command(command, args) -> str:
-  """Runs `train`/`eval`, turning the errors a user can fix into one-line exits."""
+  """Runs a subcommand, turning the errors a user can fix into one-line exits."""
   from dlax_training.checkpoint import CheckpointError, NonFiniteLossError
   from dlax_training.config import ConfigError
   try:
@@ -137,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   evaluate = commands.add_parser("eval", help="perplexity and passkey accuracy of a checkpoint")
   _add_config_arguments(evaluate)
   evaluate.add_argument("--checkpoint", help="checkpoint folder (default: checkpoint.dir)")
-  gen = commands.add_parser("generate", help="continue prompts with a saved CoMeT model")
-  gen.add_argument("--model", required=True, help="CoMeT or HF Qwen3 folder")
+  gen = commands.add_parser("generate", help="continue prompts with a saved model")
+  gen.add_argument("--model", help="CoMeT or HF Qwen3 folder (instead of --config)")
+  _add_config_arguments(gen, required=False)
+  gen.add_argument("--checkpoint", help="with --config: checkpoint folder (default: "
+                   "checkpoint.dir)")
   gen.add_argument("--prompt-file", required=True)
   gen.add_argument("--max-new-tokens", type=int, default=64)
   gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -150,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   gen.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
   gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
   args, extra = parser.parse_known_args(argv)
-  if args.command in ("train", "eval") and not any(a.startswith("-") for a in extra):
+  if not any(a.startswith("-") for a in extra):
     args.overrides += extra        # overrides given after an option
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -158,9 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_run_training_command({"train": train_command, "eval": eval_command}[args.command],
                                 args))
     return 0
+  if (args.model is None) == (args.config is None):
+    parser.error("generate: give exactly one of --model (a CoMeT folder) and --config (a run)")
+  if args.model is not None and (args.overrides or args.checkpoint):
+    parser.error("generate: overrides and --checkpoint go with --config, not --model")
   try:
-    results = generate_command(args)
-  except (FileNotFoundError, ValueError, KeyError) as e:
+    results = _run_training_command(generate_command, args)
+  except (ValueError, KeyError) as e:
     raise SystemExit(f"dlax {args.command}: {e}") from e
   for result in results:
     if args.json:

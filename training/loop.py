@@ -424,22 +424,31 @@ def _write(writer: MetricsWriter | None, step: int, scalars: dict[str, float]) -
     writer.write(step, scalars)
 
 
-def evaluate_checkpoint(config: TrainConfig, checkpoint_dir: str | None = None, *,
-                        devices: Sequence[jax.Device] | None = None,
-                        distributed: bool | None = None) -> tuple[int, dict[str, float]]:
-  """(step, evaluation) of the newest intact checkpoint in `checkpoint_dir` (default
-  `checkpoint.dir`); step 0 and the fresh initialisation when `checkpoint_dir` is None and the
-  config names none."""
+def restore_checkpoint(config: TrainConfig, checkpoint_dir: str | None = None, *,
+                       devices: Sequence[jax.Device] | None = None,
+                       distributed: bool | None = None) -> tuple[Session, int, Any]:
+  """(session, step, params) of the newest intact checkpoint in `checkpoint_dir` (default
+  `checkpoint.dir`); step 0 and the fresh initialisation when neither names a folder.
+  `FileNotFoundError` when the folder holds no checkpoint."""
   initialize_distributed(distributed)
   session = Session(config, devices)
   directory = checkpoint_dir or config.checkpoint.dir
   if directory is None:
-    return 0, session.evaluate(session.init_state()["params"])
+    return session, 0, session.init_state()["params"]
   with _checkpointer(directory) as checkpointer:
     restored = _restore(checkpointer, session)
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  return restored.step, session.evaluate(restored.state["params"])
+  return session, restored.step, restored.state["params"]
+
+
+def evaluate_checkpoint(config: TrainConfig, checkpoint_dir: str | None = None, *,
+                        devices: Sequence[jax.Device] | None = None,
+                        distributed: bool | None = None) -> tuple[int, dict[str, float]]:
+  """(step, evaluation) of `restore_checkpoint`'s parameters."""
+  session, step, params = restore_checkpoint(config, checkpoint_dir, devices=devices,
+                                             distributed=distributed)
+  return step, session.evaluate(params)
 
 
 def summary_rows(config: TrainConfig, result: TrainResult | None = None,

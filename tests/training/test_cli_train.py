@@ -1,8 +1,10 @@
-"""`dlax train` / `dlax eval`: config and override errors exit with one clear line before anything
-is compiled; a tiny run trains, checkpoints and evaluates on every device of the process."""
+"""`dlax train` / `dlax eval` / `dlax generate --config`: config and override errors exit with one
+clear line before anything is compiled; a tiny run trains, checkpoints, evaluates on every device
+of the process, and generates from its checkpoint."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -11,6 +13,9 @@ import jax
 import pytest
 
 from dlax.cli import main
+from dlax.models.lm_generation import generate
+from dlax_training.config import load_config
+from dlax_training.loop import restore_checkpoint
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TINY = ["model.vocab_size=261", "model.mixer=attention", "model.multistate=none",
@@ -93,3 +98,41 @@ def test_train_then_eval(tmp_path, capsys):
   assert _table(evaluated)["eval perplexity"] == _table(trained)["eval perplexity"]
   with pytest.raises(SystemExit, match=r"already holds steps \[3\]"):
     main(["train", "--config", "tiny_demo", "--fresh", "steps=3", *run])
+
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("It is a truth\nuniversally acknowledged,\n")
+  assert main(["generate", "--config", "tiny_demo", "--checkpoint", f"{tmp_path}/ckpt",
+               "--prompt-file", str(prompts), "--per-line", "--max-new-tokens", "5", "--json",
+               *run]) == 0
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  session, step, params = restore_checkpoint(load_config("tiny_demo", run), f"{tmp_path}/ckpt")
+  tokenizer = session.tokenizer
+  lines = ["It is a truth", "universally acknowledged,"]
+  expected = generate(session.model(params), [tokenizer.encode(p) for p in lines], 5,
+                      eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+  assert step == 3 and [p["prompt"] for p in printed] == lines
+  for row, result in enumerate(printed):
+    ids = expected.tokens[row, :expected.num_tokens[row]].tolist()
+    assert result["token_ids"] == ids and len(ids) >= 1
+    assert result["text"] == tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "exactly one of --model"),
+    (["--model", "m", "--config", "tiny_demo"], "exactly one of --model"),
+    (["--model", "m", "steps=3"], "go with --config"),
+])
+def test_generate_needs_one_model_source(tmp_path, args, message, capsys):
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("hello")
+  with pytest.raises(SystemExit):
+    main(["generate", *args, "--prompt-file", str(prompts)])
+  assert message in capsys.readouterr().err
+
+
+def test_generate_without_checkpoint_is_one_line(tmp_path):
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("hello")
+  with pytest.raises(SystemExit, match=f"dlax generate: no checkpoint in {tmp_path}"):
+    main(["generate", "--config", "tiny_demo", "--checkpoint", str(tmp_path), "--prompt-file",
+          str(prompts), *TINY])

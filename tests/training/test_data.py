@@ -9,6 +9,7 @@ import json
 import math
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -343,3 +344,15 @@ def test_unpacked_passkey_rows_label_the_answer(rng):
   with pytest.raises(ValueError, match="does not fit"):
     next(make_dataset("passkey", seq_len=length // 2, global_batch_size=1, packing=False,
                       length=length))
+
+
+def test_session_rejects_a_tokenizer_larger_than_the_vocabulary(hf_tokenizer_file, tmp_path):
+  """The byte case is caught by the config; an HF tokenizer only once it is loaded, still
+  before anything is compiled."""
+  from dlax_training.config import ConfigError, load_config
+  from dlax_training.loop import Session
+  config = load_config("tiny_demo", [f"data.tokenizer={hf_tokenizer_file}", "model.vocab_size=300",
+                                     "eval.passkey_lengths=[]", "logging.progress=false"])
+  with pytest.raises(ConfigError, match=r"model.vocab_size is 300 but the tokenizer \(HFTokenizer\) "
+                                        r"has 400 ids .*set model.vocab_size >= 400"):
+    Session(config, jax.devices()[:1])

@@ -24,6 +24,7 @@ from dlax.layers.attention import KVCache
 from dlax.models.comet.layout import (ChunkLayout, build_layout, build_prompt_layout,
                                       concat_chunks, stack_chunks, take_chunks, truncate_chunks)
 from dlax.models.comet.memory import inject_memory
+from dlax.models.sampling import check_sampling, eos_tuple, sample_tokens
 
 
 class PromptBatch(NamedTuple):
@@ -124,23 +125,6 @@ def decode_step(model, cache: KVCache, tokens, positions):
 
   x, cache = jax.lax.scan(layer, model.backbone._embed(tokens[:, None]), (params, cache))
   return model.backbone._logits(x)[:, 0], cache
-
-
-def sample_tokens(logits, key, *, temperature: float, top_p: float):
-  """logits `[B, V]` → ids `[B]`: greedy when temperature == 0, else temperature + nucleus
-  sampling over the smallest set of tokens whose probability reaches top_p."""
-  if temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if top_p < 1:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, -1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    outside = jnp.cumsum(probs, axis=-1) - probs >= top_p            # never the first token
-    sorted_logits = jnp.where(outside, -jnp.inf, sorted_logits)
-    logits = jnp.full_like(logits, -jnp.inf).at[
-        jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 class _Decoding(NamedTuple):
@@ -274,14 +258,10 @@ def generate(model, prompt_ids, max_new_tokens: int, *, attention_mask=None,
     `[B, max_new_tokens]` int32 numpy ids (beacons stripped), or a `GenerationResult` when
     `return_details`.
   """
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-  if temperature < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+  check_sampling(max_new_tokens, temperature, top_p)
   config = model.config
   rows = _prompt_rows(prompt_ids, attention_mask, model.backbone.config.vocab_size)
-  eos_ids = (() if eos_token_id is None else
-             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+  eos_ids = eos_tuple(eos_token_id)
   pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
   logits, cache, batch = prefill(model, rows, max_new_tokens)
   stride = _beacon_stride(config)
