@@ -45,14 +45,17 @@ def check_impl(op: str, impl: str | None) -> None:
     _fail(op, f"impl must be None or one of {IMPLS}, got {impl!r}")
 
 
-def resolve_impl(op: str, impl: str | None) -> str:
-  """`impl`, or for None the platform's kernel backend when `op` has one (GPU: pallas_triton,
-  TPU: pallas_tpu), else "chunked" (the XLA path, always available)."""
+def resolve_impl(op: str, impl: str | None, kernel_name: str | None = None) -> str:
+  """`impl`, or for None the platform's kernel backend when the op has one (GPU: pallas_triton,
+  TPU: pallas_tpu), else "chunked" (the XLA path, always available). `op` names the op in error
+  messages, `kernel_name` (default `op`) its kernel modules."""
   check_impl(op, impl)
   if impl is not None:
     return impl
   platform_impl = PLATFORM_IMPLS.get(jax.default_backend())
-  if platform_impl is not None and _kernel_module(op, platform_impl, required=False) is not None:
+  kernel_name = kernel_name or op
+  if (platform_impl is not None
+      and _kernel_module(kernel_name, platform_impl, required=False) is not None):
     return platform_impl
   return "chunked"
 

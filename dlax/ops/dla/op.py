@@ -136,7 +136,7 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     order. The cache and the scores are fp32 (fp64 for fp64 inputs).
   """
   op = "dla_attention"
-  impl = resolve_impl("dla", impl)
+  impl = resolve_impl(op, impl, "dla")
   check_chunk_size(op, chunk_size)
   check_inputs(op, q, k, v, g, beta=beta)
   _check_options(op, capacity, score_ref)

@@ -73,7 +73,7 @@ def log_linear_attention(q, k, v, g, lam, beta=None, *, scale: float = 1.0, chun
     inputs, and `LEVELS_MAX` levels unless `initial_state` has another count).
   """
   op = "log_linear_attention"
-  impl = resolve_impl("log_linear", impl)
+  impl = resolve_impl(op, impl, "log_linear")
   _check_chunk_size(op, chunk_size)
   check_inputs(op, q, k, v, g, beta=beta)
   _check_lam(op, lam, q.shape[:-1])
