@@ -171,6 +171,8 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     chunked = dla_chunked if impl == "chunked" else kernel("dla", impl)
     o, cache, aux = chunked(q, k, v, g, lam, beta, chunk_size=chunk_size,
                             initial_cache=initial_cache, remat_every=remat_every, **options)
+    if impl in KERNEL_IMPLS:   # kernels import JAX only: same fields, plain NamedTuples
+      cache, aux = DLACache(*cache), DLADecisions(*aux)
   outputs = (o,) + ((cache,) if return_cache else ()) + ((aux,) if return_aux else ())
   return outputs[0] if len(outputs) == 1 else outputs
 
