@@ -5,6 +5,8 @@
     dlax generate (--model DIR | --config PRESET_OR_YAML [--checkpoint DIR] [section.key=value ...])
                   --prompt-file FILE [--max-new-tokens 64] [--temperature 0] [--top-p 1]
                   [--seed 0] [--dtype bfloat16] [--per-line] [--ids] [--json]
+    dlax export --to torch|official --config PRESET_OR_YAML [--checkpoint DIR] --out DIR
+                [--dtype float32|bfloat16] [section.key=value ...]
 
 `train` runs `dlax_training.loop.train` on a preset of `configs/` (or a YAML file) with `a.b=c`
 overrides, resuming from the newest intact checkpoint of `checkpoint.dir` unless `--fresh`, and
@@ -20,6 +22,12 @@ CoMeT) whose newest checkpoint in `--checkpoint` (default `checkpoint.dir`) is r
 goes through the run's tokenizer (`data.tokenizer`) and generation stops at its eos. With `--ids`
 the file holds whitespace-separated token ids instead. The whole file is one prompt, or each
 non-empty line is one with `--per-line` (a batch of different lengths).
+
+`export` writes the newest checkpoint of a run as a folder PyTorch loads. `--to torch`: for the
+language models (DLA, Log-Linear, base, Transformer) an HF-style folder (`config.json`,
+`model.safetensors`, dlax's pure-PyTorch `modeling_dlax.py`) that
+`transformers.AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads; for CoMeT
+the backbone as a plain HF Qwen3 folder. `--to official`: CoMeT's official layout (§12).
 """
 
 from __future__ import annotations
@@ -124,6 +132,27 @@ def generate_command(args) -> list[dict]:
   return _generate_from_checkpoint(args, prompts)
 
 
+EXPORT_TARGETS = ("torch", "official")
+
+
+def export_command(args) -> str:
+  """Writes the run's newest checkpoint to `--out`; returns a one-line summary."""
+  from dlax.convert import export_lm
+  from dlax_training.loop import restore_checkpoint
+  config = _load_config(args)
+  if args.to == "official" and config.task != "comet":
+    raise ValueError(f"--to official is CoMeT's layout; a {config.task!r} run exports --to torch")
+  session, step, params = restore_checkpoint(config, args.checkpoint,
+                                             distributed=args.distributed or None)
+  model = session.model(params)
+  if config.task == "comet":
+    model.save_pretrained(args.out, format="official" if args.to == "official" else "hf-backbone",
+                          dtype=args.dtype)
+  else:
+    export_lm(model, args.out, dtype=args.dtype)
+  return f"dlax export: step {step} of {config.task!r} run -> {args.out} ({args.to}, {args.dtype})"
+
+
 def _load_config(args):
   from dlax_training.config import load_config
   return load_config(args.config, args.overrides)
@@ -177,6 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   evaluate = commands.add_parser("eval", help="perplexity and passkey accuracy of a checkpoint")
   _add_config_arguments(evaluate)
   evaluate.add_argument("--checkpoint", help="checkpoint folder (default: checkpoint.dir)")
+  export = commands.add_parser("export", help="write a run's checkpoint as a PyTorch folder")
+  export.add_argument("--to", required=True, choices=EXPORT_TARGETS,
+                      help="torch: HF folder (dlax modeling file / Qwen3 backbone); official: "
+                      "CoMeT's layout")
+  _add_config_arguments(export)
+  export.add_argument("--checkpoint", help="checkpoint folder (default: checkpoint.dir)")
+  export.add_argument("--out", required=True, help="output folder")
+  export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   gen = commands.add_parser("generate", help="continue prompts with a saved model")
   gen.add_argument("--model", help="CoMeT or HF Qwen3 folder (instead of --config)")
   _add_config_arguments(gen, required=False)
@@ -197,9 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides += extra        # overrides given after an option
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  if args.command in ("train", "eval"):
-    print(_run_training_command({"train": train_command, "eval": eval_command}[args.command],
-                                args))
+  commands = {"train": train_command, "eval": eval_command, "export": export_command}
+  if args.command in commands:
+    try:
+      print(_run_training_command(commands[args.command], args))
+    except ValueError as e:
+      raise SystemExit(f"dlax {args.command}: {e}") from e
     return 0
   if (args.model is None) == (args.config is None):
     parser.error("generate: give exactly one of --model (a CoMeT folder) and --config (a run)")

@@ -1,6 +1,6 @@
-"""`dlax train` / `dlax eval` / `dlax generate --config`: config and override errors exit with one
+"""`dlax train` / `eval` / `generate --config` / `export`: config and override errors exit with one
 clear line before anything is compiled; a tiny run trains, checkpoints, evaluates on every device
-of the process, and generates from its checkpoint."""
+of the process, generates from its checkpoint and exports it for PyTorch."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import sys
 import threading
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from dlax.cli import main
+from dlax.convert import import_lm
 from dlax.models.lm_generation import generate
 from dlax_training.config import load_config
 from dlax_training.loop import restore_checkpoint
@@ -115,6 +118,16 @@ def test_train_then_eval(tmp_path, capsys):
     ids = expected.tokens[row, :expected.num_tokens[row]].tolist()
     assert result["token_ids"] == ids and len(ids) >= 1
     assert result["text"] == tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+
+  export = ["export", "--config", "tiny_demo", "--checkpoint", f"{tmp_path}/ckpt", *run]
+  assert main([*export, "--to", "torch", "--out", f"{tmp_path}/torch"]) == 0
+  assert "step 3" in capsys.readouterr().out
+  exported = nnx.state(import_lm(f"{tmp_path}/torch"), nnx.Param)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(params),
+                               jax.tree.leaves(exported)):
+    assert np.array_equal(np.asarray(got), np.asarray(want)), jax.tree_util.keystr(path)
+  with pytest.raises(SystemExit, match="--to official is CoMeT's layout"):
+    main([*export, "--to", "official", "--out", f"{tmp_path}/official"])
 
 
 @pytest.mark.parametrize("args, message", [
