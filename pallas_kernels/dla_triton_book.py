@@ -18,8 +18,9 @@ slots stay zero). Per chunk (c0 its first position):
   3. X at the chunk end: `[open block predates c0]·F X + Σ_{s in the open block} K̂[s] v_sᵀ`
      (open) or `[no reset]·F X + K̂ᵀ V` (total), and ‖X‖² (open_sq or total_sq).
 
-The state-free inputs (K̃′, K̂, Kγ, γ_end, the rows, A_kk V) come from the XLA chunk math. The
-kernel has no backward: decisions carry no gradient (its inputs are under `stop_gradient`).
+The state-free inputs (K̃′, K̂, Kγ, γ_end, the rows, A_kk V) come from the XLA chunk math
+(`dla_common`). The kernel has no backward: decisions carry no gradient (its inputs are under
+`stop_gradient`).
 Work per chunk: two or three `[C, Dk]·[Dk, Dv]` matmuls, plus O(C + Kp²) scalar work per token
 (O(C·Dv) for the GDN open score).
 """
@@ -36,39 +37,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dlax_kernels.common import next_power_of_2
+from dlax_kernels.dla_common import Book, Layout, Options, open_slot_norms, score_from_norms
 
 _SQ = pl.squeezed
-
-
-class Options(NamedTuple):
-  """Static options of one call."""
-  tau: float
-  capacity: int
-  scale: float
-  score_ref: str
-  eps: float
-  eps_r: float
-
-
-class Book(NamedTuple):
-  """Scalar carry per (batch, head): `[..., K]` slot metadata, `[...]` scalars."""
-  m: jax.Array
-  n: jax.Array
-  info: jax.Array
-  lo: jax.Array
-  open_sq: jax.Array
-  total_sq: jax.Array
-
-
-class Layout(NamedTuple):
-  """Bookkeeping results `[B, H, N, C(, K)]`, and the layout at each chunk start."""
-  boundary: jax.Array
-  score: jax.Array
-  merge_idx: jax.Array
-  num_slots: jax.Array
-  lo_hist: jax.Array          # [B, H, N, C, K] block starts after each token
-  lo_start: jax.Array         # [B, H, N, K] block starts at the chunk start
-  m_start: jax.Array          # [B, H, N] live slots at the chunk start
 
 
 class _Static(NamedTuple):
@@ -80,28 +51,7 @@ class _Static(NamedTuple):
   interpret: bool
 
 
-def take_slot(x, index):
-  """`x[b, h, index[b, h]]` for `x [B, H, K, ...]`, index clipped to 0..K−1."""
-  index = jnp.clip(index, 0, x.shape[2] - 1)
-  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=2)[:, :, 0]
-
-
-# --- scalar math (§6.1–6.2, §4.4), usable inside kernels ---------------------------------------
-
-
-def _score_from_norms(a, b, x, *, size: int, eps: float, eps_r: float):
-  """I from a = ‖X‖², b = ‖Y‖², x = ⟨X,Y⟩ (§6.1); `size` = Dk·Dv."""
-  rho_x, rho_y = a / size + eps_r, b / size + eps_r
-  d2 = a / rho_x + b / rho_y - 2.0 * x / jnp.sqrt(rho_x * rho_y)
-  return jnp.sqrt(jnp.maximum(d2, 0.0)) / (jnp.sqrt(b / rho_y) + eps)
-
-
-def _open_slot_norms(open_sq, u_sq, u_dot_v, k_sq, v_sq, alpha, beta=None):
-  """(‖R‖², ⟨R, c⟩, ‖c‖²) of §6.2, R = A_t(S_open), c = w_t."""
-  if beta is None:
-    return alpha * alpha * open_sq, alpha * u_dot_v, k_sq * v_sq
-  r_sq = alpha * alpha * (open_sq - (2.0 * beta - beta * beta * k_sq) * u_sq)
-  return r_sq, alpha * beta * (1.0 - beta * k_sq) * u_dot_v, beta * beta * k_sq * v_sq
+# --- vector helpers (§4.4), usable inside kernels ----------------------------------------------
 
 
 def _iota(n: int):
@@ -168,16 +118,16 @@ def _token_step(st: _Static, r, x, n, c0, i, book: Book):
       u_sq, u_dot_v = jnp.sum(u * u), jnp.sum(u * r["v"][n, i, :])
     else:
       u_sq, u_dot_v = None, jnp.where(pre, _pick(x["pre"], i), 0.0) + jnp.sum(row)
-    r_sq, r_dot_c, c_sq = _open_slot_norms(book.open_sq, u_sq, u_dot_v, k_sq, v_sq, alpha, beta)
+    r_sq, r_dot_c, c_sq = open_slot_norms(book.open_sq, u_sq, u_dot_v, k_sq, v_sq, alpha, beta)
     new_sq = r_sq + 2.0 * r_dot_c + c_sq
-    score = _score_from_norms(new_sq, r_sq, r_sq + r_dot_c, size=size, eps=opts.eps,
+    score = score_from_norms(new_sq, r_sq, r_sq + r_dot_c, size=size, eps=opts.eps,
                               eps_r=opts.eps_r)
   else:
     beta_ = 1.0 if beta is None else beta
     r_dot_e, e_sq = _pick(x["r_dot_e"], i), _pick(x["e_sq"], i)
     prev_sq = book.total_sq
     new_sq = alpha * alpha * prev_sq + 2.0 * alpha * beta_ * r_dot_e + beta_ * beta_ * k_sq * e_sq
-    score = _score_from_norms(new_sq, prev_sq, alpha * prev_sq + beta_ * r_dot_e, size=size,
+    score = score_from_norms(new_sq, prev_sq, alpha * prev_sq + beta_ * r_dot_e, size=size,
                               eps=opts.eps, eps_r=opts.eps_r)
   score = jnp.where(book.m == 0, jnp.asarray(opts.tau, score.dtype), score)
 

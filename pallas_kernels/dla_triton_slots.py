@@ -8,7 +8,7 @@ ping-pongs them through a workspace `[2, K, Dk, BV]` and keeps those of every R-
 backward walks the checkpoint groups in reverse, recomputes a group's chunk-start states into
 `[R, K, Dk, BV]` (the state part of the forward, without readout), then runs its chunks in
 reverse. Per chunk n, with the chunk's
-quantities (XLA, `dla_triton_chunk`): Q̃, K̂, Kγ = diag(γ)K `[C, Dk]`, γ_end, the λ-weighted
+quantities (XLA, `dla_common`): Q̃, K̂, Kγ = diag(γ)K `[C, Dk]`, γ_end, the λ-weighted
 intra-chunk weights `W = Λ_in ⊙ A_in [C, C]`, the pre-chunk λ weights `Λ_pre [K, C]` (zero for
 dead slots), and the block layout at the chunk end: `blk [C]` (block of each token, −1 if none)
 and `first [K+1]` (pre-chunk slots `first[b] ≤ j < first[b+1]` merge into block b; slots from
@@ -44,6 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from dlax_kernels.dla_common import SlotInputs, SlotLayout
+
 _SQ = pl.squeezed
 
 
@@ -63,25 +65,6 @@ class SlotConfig(NamedTuple):
   def barrier(self):
     if not self.interpret:
       plt.debug_barrier()
-
-
-class SlotInputs(NamedTuple):
-  """Differentiable inputs, per (batch·head) `[BH, N, ...]` (kg: None for Mamba-2)."""
-  q_tilde: jax.Array      # [BH, N, C, Dk]
-  k_hat: jax.Array        # [BH, N, C, Dk]
-  k_gamma: jax.Array | None
-  end_decay: jax.Array    # [BH, N]
-  w: jax.Array            # [BH, N, C, C]
-  v: jax.Array            # [BH, N, C, Dv]
-  lam_pre: jax.Array      # [BH, N, K, C]
-  s0: jax.Array           # [BH, K, Dk, Dv] initial slot states
-
-
-class SlotLayout(NamedTuple):
-  """Block layout per chunk (int32, no gradient)."""
-  counts: jax.Array       # [BH, N, 2]: live slots at the chunk start and end
-  first: jax.Array        # [BH, N, K+1]
-  blk: jax.Array          # [BH, N, C]
 
 
 def _dot(a, b, contract=(1, 0)):

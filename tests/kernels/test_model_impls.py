@@ -1,8 +1,5 @@
 """Model level: a `LanguageModel` whose linear-attention cores run the Pallas kernels (interpret mode
-on CPU) gives the logits and parameter gradients of the same model on the XLA chunked path.
-
-`KERNELS` lists the cores each backend has a kernel for (no DLA kernel for TPU yet).
-"""
+on CPU) gives the logits and parameter gradients of the same model on the XLA chunked path."""
 
 from __future__ import annotations
 
@@ -19,8 +16,7 @@ from _helpers import assert_close
 from dlax.models import LanguageModel, tiny_config
 
 CORES = [("mamba2", "none"), ("gated_delta", "none"), ("mamba2", "dla"), ("gated_delta", "dla")]
-KERNELS = {"pallas_triton": CORES, "pallas_tpu": CORES[:2]}
-CASES = [(impl, *core) for impl, cores in KERNELS.items() for core in cores]
+CASES = [(impl, *core) for impl in ("pallas_triton", "pallas_tpu") for core in CORES]
 
 
 def loss_and_grads(model: LanguageModel, tokens):
