@@ -1,7 +1,8 @@
 """The `dlax` command line.
 
     dlax train --config PRESET_OR_YAML [--fresh] [--distributed] [section.key=value ...]
-    dlax eval --config PRESET_OR_YAML [--checkpoint DIR] [--distributed] [section.key=value ...]
+    dlax eval --config PRESET_OR_YAML [--checkpoint DIR] [--tasks passkey,ruler,...] [--out DIR]
+              [--lengths 512 1024] [--examples N] [--distributed] [section.key=value ...]
     dlax generate (--model DIR | --config PRESET_OR_YAML [--checkpoint DIR] [section.key=value ...])
                   --prompt-file FILE [--max-new-tokens 64] [--temperature 0] [--top-p 1]
                   [--seed 0] [--dtype bfloat16] [--per-line] [--ids] [--json]
@@ -11,7 +12,9 @@
 `train` runs `dlax_training.loop.train` on a preset of `configs/` (or a YAML file) with `a.b=c`
 overrides, resuming from the newest intact checkpoint of `checkpoint.dir` unless `--fresh`, and
 prints a result table. `eval` evaluates the newest checkpoint of `--checkpoint` (default
-`checkpoint.dir`): perplexity on held-out data and passkey accuracy. Config and override errors
+`checkpoint.dir`): perplexity on held-out data and passkey accuracy; with `--tasks` it runs those
+evaluations of `dlax_training.evals` instead (passkey, ruler, mqar, forgetting, perplexity,
+dla_boundaries, comet_memory), each writing `<task>.json` and `<task>.png` into `--out`. Config and override errors
 are reported before anything is compiled; a NaN or inf loss stops training with a diagnostic.
 `--distributed` starts multi-host JAX (see `dlax_training.loop`).
 
@@ -168,11 +171,21 @@ def train_command(args) -> str:
 
 def eval_command(args) -> str:
   from dlax_training.eval import format_table
-  from dlax_training.loop import evaluate_checkpoint, summary_rows
+  from dlax_training.loop import evaluate_checkpoint, restore_checkpoint, summary_rows
   config = _load_config(args)
-  step, results = evaluate_checkpoint(config, args.checkpoint,
-                                      distributed=args.distributed or None)
-  return format_table([("checkpoint step", str(step)), *summary_rows(config, results=results)])
+  if args.tasks is None:
+    step, results = evaluate_checkpoint(config, args.checkpoint,
+                                        distributed=args.distributed or None)
+    return format_table([("checkpoint step", str(step)), *summary_rows(config, results=results)])
+  from dlax_training.evals.suite import run_suite
+  from dlax_training.evals.suite import summary_rows as suite_rows
+  session, step, params = restore_checkpoint(config, args.checkpoint,
+                                             distributed=args.distributed or None)
+  tasks = [t for t in args.tasks.split(",") if t]
+  results = run_suite(session.model(params), session.tokenizer, tasks, args.out,
+                      lengths=args.lengths, num_examples=args.examples)
+  return format_table([("checkpoint step", str(step)), ("folder", args.out),
+                       *suite_rows(results)])
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -206,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   evaluate = commands.add_parser("eval", help="perplexity and passkey accuracy of a checkpoint")
   _add_config_arguments(evaluate)
   evaluate.add_argument("--checkpoint", help="checkpoint folder (default: checkpoint.dir)")
+  evaluate.add_argument("--tasks", help="comma-separated evaluations (JSON + PNG each), e.g. "
+                        "passkey,ruler,mqar,forgetting,perplexity,dla_boundaries,comet_memory")
+  evaluate.add_argument("--out", default="eval_out", help="folder for --tasks results")
+  evaluate.add_argument("--lengths", type=int, nargs="+", help="context lengths (passkey, ruler)")
+  evaluate.add_argument("--examples", type=int, help="examples per cell (scoring evaluations)")
   export = commands.add_parser("export", help="write a run's checkpoint as a PyTorch folder")
   export.add_argument("--to", required=True, choices=EXPORT_TARGETS,
                       help="torch: HF folder (dlax modeling file / Qwen3 backbone); official: "

@@ -6,6 +6,7 @@ With x64 enabled globally, every test array must be created with an explicit dty
 
 from __future__ import annotations
 
+import gc
 import zlib
 
 import jax
@@ -28,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_functions():
+  """Drops JAX's compilation caches after each test module: a long-lived xdist worker otherwise
+  accumulates every module's executables (CI has 24 GB for two workers)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 def _seed(item) -> int:

@@ -119,6 +119,18 @@ def test_train_then_eval(tmp_path, capsys):
     assert result["token_ids"] == ids and len(ids) >= 1
     assert result["text"] == tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
 
+  evaluate = ["eval", "--config", "tiny_demo", "--checkpoint", f"{tmp_path}/ckpt", *run]
+  assert main([*evaluate, "--tasks", "passkey,mqar", "--out", f"{tmp_path}/evals",
+               "--lengths", "300", "--examples", "2"]) == 0
+  table = _table(capsys.readouterr().out)
+  assert table["passkey: files"] == "passkey.json, passkey.png"
+  passkey = json.loads((tmp_path / "evals" / "passkey.json").read_text())
+  assert passkey["lengths"] == [300] and float(table["passkey: mean accuracy"]) == pytest.approx(
+      passkey["mean_accuracy"], abs=1e-3)
+  assert (tmp_path / "evals" / "mqar.png").read_bytes()[:4] == b"\x89PNG"
+  with pytest.raises(SystemExit, match="'dla_boundaries' does not apply to this model"):
+    main([*evaluate, "--tasks", "dla_boundaries", "--out", f"{tmp_path}/evals"])
+
   export = ["export", "--config", "tiny_demo", "--checkpoint", f"{tmp_path}/ckpt", *run]
   assert main([*export, "--to", "torch", "--out", f"{tmp_path}/torch"]) == 0
   assert "step 3" in capsys.readouterr().out

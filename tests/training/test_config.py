@@ -33,13 +33,13 @@ def _error(preset: str, overrides=(), devices: int | None = None) -> str:
 
 
 def test_all_presets_exist():
-  assert set(PRESETS) == {"tiny_demo", *PAPER_MODELS, *COMET}
+  assert set(PRESETS) == {"tiny_demo", "tiny_comet", *PAPER_MODELS, *COMET}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_loads_validates_and_round_trips(preset, tmp_path):
   config = load_config(preset)
-  validate(config, 1 if preset == "tiny_demo" else 8)
+  validate(config, 1 if preset.startswith("tiny_") else 8)
   save_config(config, tmp_path / "config.yaml")
   assert load_config(tmp_path / "config.yaml") == config
   json.dumps(to_dict(config))

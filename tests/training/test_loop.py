@@ -100,3 +100,22 @@ def test_fresh_start_refuses_existing_checkpoints(run):
   with pytest.raises(ConfigError, match=f"already holds steps \\[{STEPS}\\]"):
     train(config, resume=False, devices=jax.devices()[:1])
 
+
+
+def test_comet_fine_tuning_trains_resumes_and_evaluates(tmp_path):
+  """configs/tiny_comet.yaml shrunk: CoMeT through the same loop; a run stopped after step 2 and
+  resumed gives the uninterrupted run's losses, and the passkey evaluation runs chunk by chunk."""
+  def config(steps: int, directory: str):
+    return load_config("tiny_comet", [
+        f"steps={steps}", "schedule.total_steps=4", "schedule.warmup_steps=1", "data.seq_len=128",
+        "data.global_batch_size=2", "eval.batches=1",
+        "eval.passkey_lengths=[256]", "logging.progress=false", "checkpoint.every_steps=2",
+        f"checkpoint.dir={tmp_path / directory}", f"logging.dir={tmp_path / directory}"])
+
+  whole = train(config(4, "whole"), devices=jax.devices()[:1])
+  assert sorted(whole.losses) == [1, 2, 3, 4] and np.all(np.isfinite(list(whole.losses.values())))
+  assert 0 <= whole.eval["eval/passkey_256"] <= 1 and whole.eval["eval/perplexity"] > 1
+  train(config(2, "split"), devices=jax.devices()[:1])
+  resumed = train(config(4, "split"), devices=jax.devices()[:1])
+  assert resumed.start_step == 2
+  assert {s: resumed.losses[s] for s in (3, 4)} == {s: whole.losses[s] for s in (3, 4)}
