@@ -19,9 +19,10 @@ import pytest
 from _helpers import seed_of
 from dlax.ops import DLACache, DLADecisions
 from dlax_kernels import _tpu_chunks, dla_tpu
-from test_dla_triton import (OPTIONS, Case, _empty_or, _options, _run, _run_grads, assert_close,
-                             assert_grads_close, assert_runs_close, assert_same_decisions, setup,
-                             total_merges)
+from _helpers import assert_close
+from dla_kernel_cases import (OPTIONS, Case, assert_grads_close, assert_runs_close,
+                              assert_same_decisions, cache_or_empty, op_options, run_op,
+                              run_op_grads, setup, total_merges)
 
 IMPL = "pallas_tpu"
 
@@ -53,8 +54,8 @@ def test_forward_float64_equals_recurrent(rng, case):
   """The algorithm: in float64 (interpret mode) the kernels equal the oracle to 1e-10, with the
   decisions and the integer cache fields exact."""
   inputs, _, cache, seg = setup(rng, case, jnp.float64)
-  run_ref = _run(inputs, cache, seg, None, **_options(case, "recurrent"))
-  run = _run(inputs, cache, seg, None, **_options(case, IMPL))
+  run_ref = run_op(inputs, cache, seg, None, **op_options(case, "recurrent"))
+  run = run_op(inputs, cache, seg, None, **op_options(case, IMPL))
   assert total_merges(run_ref[2]) > 0
   assert_runs_close(run, run_ref, 1e-10, f"seed={seed_of(rng)}")
 
@@ -64,8 +65,8 @@ def test_forward_float32_own_decisions(rng):
   decisions, 1e-5."""
   case = Case("gdn", 41, 8, 4, 3, 0.5, prefix=9, segments=True, h=1)
   inputs, ref, cache, seg = setup(rng, case, jnp.float32)
-  run_ref = _run(ref, cache, seg, None, **_options(case, "recurrent"))
-  run = _run(inputs, _to_float32(cache), seg, None, **_options(case, IMPL))
+  run_ref = run_op(ref, cache, seg, None, **op_options(case, "recurrent"))
+  run = run_op(inputs, _to_float32(cache), seg, None, **op_options(case, IMPL))
   assert run[0].dtype == jnp.float32 and run[1].S.dtype == jnp.float32
   assert total_merges(run_ref[2]) > 0
   assert_runs_close(run, run_ref, 1e-5, f"seed={seed_of(rng)}")
@@ -101,17 +102,17 @@ def _padded_blocks(monkeypatch) -> list:
 def test_gradients_float32(rng, case, monkeypatch):
   """d/d(q, k, v, g, λ, β, S0) of `Σ o·W + Σ S_final·W′` in fp32 vs the float64 oracle."""
   inputs, ref, cache, seg = setup(rng, case, jnp.float32)
-  cache = _empty_or(cache, case, jnp.float64)
+  cache = cache_or_empty(cache, case, jnp.float64)
   cot = _cotangents(rng, case, cache)
-  run_ref, grads_ref = _run_grads(ref, cache, seg, None, cot, **_options(case, "recurrent"))
+  run_ref, grads_ref = run_op_grads(ref, cache, seg, None, cot, **op_options(case, "recurrent"))
   decisions = run_ref[2]
   assert total_merges(decisions) > 0
-  kernel_grads, padded = _run_grads, None
+  kernel_grads, padded = run_op_grads, None
   if case.remat == 2:
     padded = _padded_blocks(monkeypatch)
-    kernel_grads = jax.jit(_run_grads.__wrapped__, static_argnames=OPTIONS)   # fresh trace
+    kernel_grads = jax.jit(run_op_grads.__wrapped__, static_argnames=OPTIONS)   # fresh trace
   run, grads = kernel_grads(inputs, _to_float32(cache), seg, decisions, cot,
-                            **_options(case, IMPL))
+                            **op_options(case, IMPL))
   assert padded is None or padded
   msg = f"seed={seed_of(rng)}"
   assert_runs_close(run, run_ref, 1e-5, msg)
@@ -124,9 +125,9 @@ def test_bfloat16_with_injected_decisions(rng):
   case = Case("gdn", 33, 16, 3, 2, 0.5, prefix=6, b=1)
   inputs, ref, cache, _ = setup(rng, case, jnp.bfloat16)
   cot = _cotangents(rng, case, cache)
-  run_ref, grads_ref = _run_grads(ref, cache, None, None, cot, **_options(case, "recurrent"))
+  run_ref, grads_ref = run_op_grads(ref, cache, None, None, cot, **op_options(case, "recurrent"))
   assert total_merges(run_ref[2]) > 0
-  run, grads = _run_grads(inputs, cache, None, run_ref[2], cot, **_options(case, IMPL))
+  run, grads = run_op_grads(inputs, cache, None, run_ref[2], cot, **op_options(case, IMPL))
   msg = f"seed={seed_of(rng)}"
   assert run[0].dtype == jnp.bfloat16
   assert_same_decisions(run[2], run_ref[2], msg)
@@ -204,8 +205,8 @@ class TestCompiledOnTpu:
     cache = DLACache.empty(case.b, case.h, case.capacity, case.dk, case.dv, jnp.float32)
     cot = tuple(a.astype(jnp.float32) for a in _cotangents(rng, case, cache))
     with jax.default_matmul_precision("highest"):
-      run_ref, grads_ref = _run_grads(ref32, cache, None, None, cot, **_options(case, "chunked"))
-    run, grads = _run_grads(inputs, cache, None, run_ref[2], cot, **_options(case, IMPL))
+      run_ref, grads_ref = run_op_grads(ref32, cache, None, None, cot, **op_options(case, "chunked"))
+    run, grads = run_op_grads(inputs, cache, None, run_ref[2], cot, **op_options(case, IMPL))
     msg = f"{backbone} Dv={dv} {dtype.__name__} seed={seed_of(rng)}"
     assert_close(run[0], run_ref[0], rtol, f"{msg} o")
     assert_close(run[1].S, run_ref[1].S, rtol, f"{msg} S")
