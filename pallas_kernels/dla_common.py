@@ -1,12 +1,14 @@
-"""Backend-neutral parts of the DLA kernels (spec dla.md §4–7), in XLA: the per-chunk quantities,
-the score formulas, the rank maps and block membership, and the driver `run`, which strings
-a backend's two Pallas kernels together (`dla_triton`: Triton, `dla_tpu`: Mosaic).
+"""Backend-neutral parts of the DLA kernels (spec dla.md §4–7), in XLA: the rank maps and block
+membership, the bookkeeping inputs, and the driver `run`, which strings a backend's two Pallas
+kernels together (`dla_triton`: Triton, `dla_tpu`: Mosaic). The per-chunk quantities, the score
+formulas, the cache types and the slot helpers are the XLA path's own (`dlax.ops.dla.chunk_math`,
+`scores`, `types`, `bookkeeping`: small pure functions the kernels share with it).
 
 Shapes: q, k `[B, T, H, Dk]`, v `[B, T, H, Dv]`, g, beta `[B, T, H]`, lam `[B, T, H, Kλ]`; K slots,
 chunks of C tokens, N = ⌈T/C⌉ (the tail is padded with g = 0, k = v = 0 and excluded from the
 decisions). Per call, chunks laid out `[B, H, N, C, ·]`:
 
-  1. chunk math (`chunk_math`, differentiable): A_in, A_kk, Q̃, K̃′, K̂, Kγ, γ_end (below).
+  1. chunk math (`dlax.ops.dla.chunk_math`, differentiable): A_in, A_kk, Q̃, K̃′, K̂, Kγ, γ_end.
   2. bookkeeping (a backend kernel, under stop_gradient): scores, boundaries, merges and the
      block layout after every token. Decisions only need one reference state (the open slot,
      or the base state), so this runs ahead of the K-slot pass.
@@ -16,18 +18,6 @@ decisions). Per call, chunks laid out `[B, H, N, C, ·]`:
      of pre-chunk slots merged into each chunk-end block.
   4. readout and slot-state pass (a backend kernel with a `custom_vjp`): o and the final slot
      states.
-
-Chunk math, per chunk (local index i, leading axes `...`). With the inclusive cumulative
-log-decay `G_i`, `γ_i = exp(G_i)`, `γ′_i = exp(G_{i−1})` (γ′_0 = 1), `Γ[i,s] = exp(G_i − G_s)`
-for s ≤ i (a masked segment sum) and `Γ′[i,s] = Γ[i−1,s]` for s < i:
-
-    Ψ   = I (Mamba-2, δ = 0);  GDN (δ = 1): (I + diag(β)((K Kᵀ) ⊙ Γ ⊙ tril_strict))⁻¹ diag(β)
-    A_in = scale·((Q Kᵀ) ⊙ Γ) Ψ              [C, C]   q_i's read of token s's write
-    A_kk = ((K Kᵀ) ⊙ Γ′) Ψ                   [C, C]   k_i's response to token s's write (before i)
-    Q̃ = scale·diag(γ)Q − δ A_in diag(γ)K     [C, Dk]  read of a pre-chunk state S: (Q̃ S)_i
-    K̃′ = diag(γ′)K − δ A_kk diag(γ)K         [C, Dk]  key response of a pre-chunk state
-    K̂ = Ψᵀ diag(Γ[C−1, :]) K                 [C, Dk]  token s's write at the chunk end: K̂[s] v_sᵀ
-    F S = γ_{C−1} S − δ K̂ᵀ (diag(γ) K S)             a pre-chunk state carried to the chunk end
 
 With segment resets, every pair term is masked to the same segment and Q̃, K̃′ are zero from the
 first reset on. Gradients reach q, k, v, g, beta through 1 and 3 (JAX autodiff of XLA), lam
@@ -42,25 +32,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-
-class Cache(NamedTuple):
-  """The fields of `dlax.ops.DLACache` (spec §5.3), same order."""
-  S: jax.Array
-  n: jax.Array
-  info: jax.Array
-  lo: jax.Array
-  m: jax.Array
-  open_sq: jax.Array
-  total_sq: jax.Array
-  pos: jax.Array
-
-
-class Decisions(NamedTuple):
-  """The fields of `dlax.ops.DLADecisions` (spec §5.4), same order, `[B, T, H]`."""
-  boundary: jax.Array
-  score: jax.Array
-  merge_idx: jax.Array
-  num_slots: jax.Array
+from dlax.ops.dla.bookkeeping import segment_resets, take_slot
+from dlax.ops.dla.chunk_math import ChunkMath, chunk_math
+from dlax.ops.dla.naive import cast_cache
+from dlax.ops.dla.types import DLACache, DLADecisions
 
 
 class Options(NamedTuple):
@@ -128,111 +103,6 @@ class Kernels(NamedTuple):
   slot_pass: Callable
 
 
-# --- chunk math (§7.1, §6.3) -------------------------------------------------------------------
-
-
-class ChunkMath(NamedTuple):
-  """State-free quantities of every chunk (module docstring); leading axes `...`.
-
-  carry `[..., C]` bool: token i still continues the pre-chunk state (no reset up to i).
-  k_gamma: diag(γ) K for GDN, None for Mamba-2. end_decay `[...]`: γ_{C−1}.
-  """
-
-  carry: jax.Array
-  a_in: jax.Array
-  a_kk: jax.Array
-  q_tilde: jax.Array
-  k_tilde: jax.Array
-  k_hat: jax.Array
-  k_gamma: jax.Array | None
-  end_decay: jax.Array
-
-
-def _decay_matrix(g):
-  """`Γ[..., i, s] = exp(Σ_{r=s+1..i} g_r)` for s ≤ i, else 0, from a masked cumulative sum."""
-  c = g.shape[-1]
-  strict = jnp.tril(jnp.ones((c, c), bool), k=-1)
-  sums = jnp.cumsum(jnp.where(strict, g[..., :, None], 0.0), axis=-2)
-  return jnp.where(jnp.tril(jnp.ones((c, c), bool)), jnp.exp(sums), 0.0)
-
-
-def _shift_down(x, axis: int, fill):
-  """`out[i] = x[i − 1]` along `axis`, `out[0] = fill`."""
-  x = jnp.moveaxis(x, axis, 0)
-  x = jnp.concatenate([jnp.full_like(x[:1], fill), x[:-1]], axis=0)
-  return jnp.moveaxis(x, 0, axis)
-
-
-def _delta_rule_inverse(k, decay, beta):
-  """Ψ = (I + diag(β)((K Kᵀ) ⊙ Γ ⊙ tril_strict))⁻¹ diag(β), by forward substitution."""
-  c = k.shape[-2]
-  eye = jnp.eye(c, dtype=k.dtype)
-  gram = jnp.einsum("...ik,...sk->...is", k, k) * decay
-  lower = eye + jnp.tril(beta[..., :, None] * gram, k=-1)
-  rhs = jnp.broadcast_to(eye * beta[..., None, :], lower.shape)
-  return jax.scipy.linalg.solve_triangular(lower, rhs, lower=True, unit_diagonal=True)
-
-
-def chunk_math(q, k, g, beta=None, resets=None, *, scale: float) -> ChunkMath:
-  """q, k `[..., C, Dk]`, g (and beta) `[..., C]`, resets `[..., C]` bool (broadcasting)."""
-  gamma = jnp.exp(jnp.cumsum(g, axis=-1))
-  gamma_prev = _shift_down(gamma, -1, 1.0)
-  decay = _decay_matrix(g)
-  decay_prev = _shift_down(decay, -2, 0.0)
-  carry = jnp.ones(g.shape, bool)
-  if resets is not None:
-    segment = jnp.cumsum(resets, axis=-1)
-    carry = jnp.broadcast_to(segment == 0, g.shape)
-    same = segment[..., :, None] == segment[..., None, :]
-    decay = jnp.where(same, decay, 0.0)
-    decay_prev = jnp.where(same, decay_prev, 0.0)
-
-  a_in = scale * jnp.einsum("...ik,...sk->...is", q, k) * decay
-  a_kk = jnp.einsum("...ik,...sk->...is", k, k) * decay_prev
-  q_tilde = scale * gamma[..., None] * q
-  k_tilde = gamma_prev[..., None] * k
-  k_hat = decay[..., -1, :, None] * k
-  k_gamma = None
-  if beta is not None:
-    psi = _delta_rule_inverse(k, decay, beta)
-    a_in, a_kk = a_in @ psi, a_kk @ psi
-    k_hat = jnp.swapaxes(psi, -1, -2) @ k_hat
-    k_gamma = gamma[..., None] * k
-    q_tilde = q_tilde - a_in @ k_gamma
-    k_tilde = k_tilde - a_kk @ k_gamma
-  q_tilde = jnp.where(carry[..., None], q_tilde, 0.0)
-  k_tilde = jnp.where(carry[..., None], k_tilde, 0.0)
-  return ChunkMath(carry=carry, a_in=a_in, a_kk=a_kk, q_tilde=q_tilde, k_tilde=k_tilde,
-                   k_hat=k_hat, k_gamma=k_gamma, end_decay=gamma[..., -1])
-
-
-def transport(cm: ChunkMath, state):
-  """`F S` for states `[..., Dk, Dv]` (leading axes as cm's, without C)."""
-  out = cm.end_decay[..., None, None] * state
-  if cm.k_gamma is None:
-    return out
-  response = jnp.einsum("...ck,...kv->...cv", cm.k_gamma, state)
-  return out - jnp.einsum("...ck,...cv->...kv", cm.k_hat, response)
-
-
-# --- score math (§6.1–6.2), elementwise: usable inside kernels ---------------------------------
-
-
-def score_from_norms(a, b, x, *, size: int, eps: float, eps_r: float):
-  """I from a = ‖X‖², b = ‖Y‖², x = ⟨X,Y⟩ (§6.1); `size` = Dk·Dv."""
-  rho_x, rho_y = a / size + eps_r, b / size + eps_r
-  d2 = a / rho_x + b / rho_y - 2.0 * x / jnp.sqrt(rho_x * rho_y)
-  return jnp.sqrt(jnp.maximum(d2, 0.0)) / (jnp.sqrt(b / rho_y) + eps)
-
-
-def open_slot_norms(open_sq, u_sq, u_dot_v, k_sq, v_sq, alpha, beta=None):
-  """(‖R‖², ⟨R, c⟩, ‖c‖²) of §6.2, R = A_t(S_open), c = w_t."""
-  if beta is None:
-    return alpha * alpha * open_sq, alpha * u_dot_v, k_sq * v_sq
-  r_sq = alpha * alpha * (open_sq - (2.0 * beta - beta * beta * k_sq) * u_sq)
-  return r_sq, alpha * beta * (1.0 - beta * k_sq) * u_dot_v, beta * beta * k_sq * v_sq
-
-
 # --- layout glue ---------------------------------------------------------------------------------
 
 
@@ -251,12 +121,6 @@ def check_options(backend: str, lam, capacity, chunk_size, score_ref) -> None:
     fail(f"lam's last dim Klam must be in [1, capacity={capacity}], got {lam.shape[-1]}")
 
 
-def take_slot(x, index):
-  """`x[b, h, index[b, h]]` for `x [B, H, K, ...]`, index clipped to 0..K−1."""
-  index = jnp.clip(index, 0, x.shape[2] - 1)
-  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=2)[:, :, 0]
-
-
 def to_chunks(x, chunk: int, heads: bool = True):
   """`[B, T, (H), ...]` -> zero-padded `[B, (H), N, C, ...]`."""
   if x is None:
@@ -272,19 +136,6 @@ def from_chunks(x, t: int):
   """`[B, H, N, C, ...]` -> `[B, T, H, ...]` (drops the padded tail)."""
   x = jnp.moveaxis(x, 1, 3)                                              # [B, N, C, H, ...]
   return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
-
-
-def segment_resets(segment_ids):
-  """`[B, T]`: the token's segment id differs from the previous token's (never token 0)."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
-
-
-def empty_cache(b, h, k, dk, dv, dtype) -> Cache:
-  return Cache(S=jnp.zeros((b, h, k, dk, dv), dtype), n=jnp.zeros((b, h, k), jnp.int32),
-               info=jnp.zeros((b, h, k), dtype), lo=jnp.zeros((b, h, k), jnp.int32),
-               m=jnp.zeros((b, h), jnp.int32), open_sq=jnp.zeros((b, h), dtype),
-               total_sq=jnp.zeros((b, h), dtype), pos=jnp.zeros((b,), jnp.int32))
 
 
 def flat(x):
@@ -362,7 +213,7 @@ def run(kernels: Kernels, q, k, v, g, lam, beta=None, *, tau, capacity: int, chu
         scale: float, score_ref: str = "open", eps: float = 1e-6, eps_r: float = 1e-6,
         initial_cache=None, segment_ids=None, decisions=None):
   """Chunked DLA on a backend's kernels; arguments and results as `dla_chunked` (spec §5.1):
-  (o `[B, T, H, Dv]` in v's dtype, final `Cache`, `Decisions` record).
+  (o `[B, T, H, Dv]` in v's dtype, final `DLACache`, `DLADecisions` record).
 
   The XLA parts run their fp32 matmuls at full precision (no TF32 / bf16 passes), so that fp32
   results match the float64 reference to ~1e-6.
@@ -379,10 +230,8 @@ def _run(kernels: Kernels, q, k, v, g, lam, beta, *, tau, capacity, chunk_size, 
   dv = v.shape[-1]
   c = chunk_size
   acc = jnp.result_type(jnp.float32, q, k, v, g, lam, *(() if beta is None else (beta,)))
-  cache = (empty_cache(b, h, capacity, dk, dv, acc) if initial_cache is None
-           else Cache(*initial_cache))
-  cache = cache._replace(S=cache.S.astype(acc), info=cache.info.astype(acc),
-                         open_sq=cache.open_sq.astype(acc), total_sq=cache.total_sq.astype(acc))
+  cache = (DLACache.empty(b, h, capacity, dk, dv, acc) if initial_cache is None
+           else cast_cache(initial_cache, acc))
   opts = Options(tau=tau, capacity=capacity, scale=scale, score_ref=score_ref, eps=eps,
                  eps_r=eps_r)
 
@@ -416,10 +265,10 @@ def _run(kernels: Kernels, q, k, v, g, lam, beta, *, tau, capacity, chunk_size, 
   o = from_chunks(o.reshape(b, h, n_chunks, c, dv), t).astype(v.dtype)
   states = states.reshape(b, h, capacity, dk, dv)
 
-  final = Cache(S=states, n=book.n, info=book.info, lo=book.lo, m=book.m,
-                open_sq=jnp.sum(take_slot(states, book.m - 1) ** 2, axis=(-2, -1)),
-                total_sq=jnp.sum(jnp.sum(states, axis=2) ** 2, axis=(-2, -1)),
-                pos=cache.pos + t)
-  record = Decisions(*(from_chunks(a, t) for a in (layout.boundary, layout.score,
-                                                   layout.merge_idx, layout.num_slots)))
+  final = DLACache(S=states, n=book.n, info=book.info, lo=book.lo, m=book.m,
+                   open_sq=jnp.sum(take_slot(states, book.m - 1) ** 2, axis=(-2, -1)),
+                   total_sq=jnp.sum(jnp.sum(states, axis=2) ** 2, axis=(-2, -1)),
+                   pos=cache.pos + t)
+  record = DLADecisions(*(from_chunks(a, t) for a in (layout.boundary, layout.score,
+                                                      layout.merge_idx, layout.num_slots)))
   return o, final, record

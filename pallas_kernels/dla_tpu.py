@@ -1,11 +1,11 @@
 """DLA (Dynamic Linear Attention, spec dla.md §4–7) with Mosaic TPU kernels.
 
 `dla(q, k, v, g, lam, beta, ...)` has the signature and results of `dlax.ops.dla.chunked.
-dla_chunked` (and of `dla_triton.dla`): (o `[B, T, H, Dv]` in v's dtype, final cache, decision
-record) as NamedTuples with the fields of `DLACache` / `DLADecisions`. The pipeline is
+dla_chunked` (and of `dla_triton.dla`): (o `[B, T, H, Dv]` in v's dtype, final `DLACache`,
+`DLADecisions` record). The pipeline is
 `dla_common.run`, shared with the Triton backend:
 
-  1. chunk math (XLA, differentiable; `dla_common.chunk_math`): A_in, A_kk, Q̃, K̃′, K̂, Kγ, γ_end.
+  1. chunk math (XLA, differentiable; `dlax.ops.dla.chunk_math`): A_in, A_kk, Q̃, K̃′, K̂, Kγ, γ_end.
   2. bookkeeping (Pallas/Mosaic, `dla_tpu_book`): grid (B·H "parallel", N chunks "arbitrary"),
      the reference state X `[Dk, Dv]` and the slot metadata in VMEM scratch, pos0 in SMEM, a
      token loop on lane vectors; scores, boundaries, merges and the block layout per token.
@@ -115,8 +115,7 @@ def dla(q, k, v, g, lam, beta=None, *, tau, capacity: int, chunk_size: int, scal
         block_v: int | None = None):
   """Chunked DLA on Mosaic TPU kernels; arguments and results as `dla_chunked` (spec §5.1).
 
-  `initial_cache` / `decisions` may be any NamedTuples with the fields of DLACache /
-  DLADecisions. `remat_every`: chunks per checkpoint group of the slot states (capped by VMEM
+  `remat_every`: chunks per checkpoint group of the slot states (capped by VMEM
   when compiled). `interpret`: None (compiled on a TPU, interpreted elsewhere) or a bool;
   `block_v`: value columns per slot-pass program (default: per TPU generation).
   """

@@ -43,7 +43,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from dlax_kernels import _tpu_chunks as chunks
 from dlax_kernels.common import tpu_interpret
-from dlax_kernels.dla_common import Book, Layout, Options, open_slot_norms, score_from_norms
+from dlax.ops.dla.scores import open_slot_norms, score_from_norms
+from dlax_kernels.dla_common import Book, Layout, Options
 
 NN = chunks._NN                             # A B
 NT = chunks._NT                             # A Bᵀ

@@ -1,8 +1,7 @@
 """DLA (Dynamic Linear Attention, spec dla.md §4–7) with Triton-lowered Pallas kernels.
 
 `dla(q, k, v, g, lam, beta, ...)` has the signature and results of `dlax.ops.dla.chunked.
-dla_chunked`: (o `[B, T, H, Dv]` in v's dtype, final cache, decision record), with the cache and
-record as NamedTuples with the fields of `DLACache` / `DLADecisions` (kernels do not import dlax).
+dla_chunked`: (o `[B, T, H, Dv]` in v's dtype, final `DLACache`, `DLADecisions` record).
 
 Shapes: q, k `[B, T, H, Dk]`, v `[B, T, H, Dv]`, g, beta `[B, T, H]`, lam `[B, T, H, Kλ]`; K slots,
 chunks of C tokens, N = ⌈T/C⌉ (the tail is padded with g = 0, k = v = 0 and excluded from the
@@ -74,8 +73,7 @@ def dla(q, k, v, g, lam, beta=None, *, tau, capacity: int, chunk_size: int, scal
         segment_ids=None, decisions=None, remat_every: int = 8):
   """Chunked DLA on Pallas kernels; arguments and results as `dla_chunked` (spec §5.1).
 
-  `initial_cache` / `decisions` may be any NamedTuples with the fields of DLACache /
-  DLADecisions. `remat_every`: chunks per checkpoint group of the slot states (the backward
+  `remat_every`: chunks per checkpoint group of the slot states (the backward
   recomputes the states inside a group). The XLA parts run their fp32 matmuls at full precision
   (no TF32), so that fp32 results match the float64 reference to ~1e-6.
   """

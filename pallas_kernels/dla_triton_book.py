@@ -37,7 +37,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dlax_kernels.common import next_power_of_2
-from dlax_kernels.dla_common import Book, Layout, Options, open_slot_norms, score_from_norms
+from dlax.ops.dla.scores import open_slot_norms, score_from_norms
+from dlax_kernels.dla_common import Book, Layout, Options
 
 _SQ = pl.squeezed
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from dlax.ops.common import (Impl, KERNEL_IMPLS, accumulator_dtype, check_chunk_size, check_inputs,
-                             is_tracer, kernel, resolve_impl)
+from dlax.ops.common import (Impl, accumulator_dtype, check_chunk_size, check_inputs, is_tracer,
+                             kernel, resolve_impl)
 from dlax.ops.dla.bookkeeping import replay_blocks, segment_resets
 from dlax.ops.dla.chunked import dla_chunked
 from dlax.ops.dla.naive import cast_cache, dla_masked, dla_recurrent, dla_step_reference
@@ -171,8 +171,6 @@ def dla_attention(q, k, v, g, lam, beta=None, *, tau=0.6, capacity: int = 30,
     chunked = dla_chunked if impl == "chunked" else kernel("dla", impl)
     o, cache, aux = chunked(q, k, v, g, lam, beta, chunk_size=chunk_size,
                             initial_cache=initial_cache, remat_every=remat_every, **options)
-    if impl in KERNEL_IMPLS:   # kernels import JAX only: same fields, plain NamedTuples
-      cache, aux = DLACache(*cache), DLADecisions(*aux)
   outputs = (o,) + ((cache,) if return_cache else ()) + ((aux,) if return_aux else ())
   return outputs[0] if len(outputs) == 1 else outputs
 
