@@ -54,7 +54,7 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
   def fmt(x):
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
-  widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+  widths = [max([len(c), *(len(fmt(r.get(c, ""))) for r in rows)]) for c in columns]
   lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)),
            "-|-".join("-" * w for w in widths)]
   lines += [" | ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]

@@ -11,18 +11,22 @@ q, k, v (and beta, λ), fp32 log-decays, B=8, H=16, Dk=Dv=128, chunk 64. Rows:
   shape (48 value heads, one shared q/k group, Dk=128, Dv=64), where fla's kernel compiles;
 - DLA-GDN (K=30) against `chunk_gated_delta_rule` (fla has no log-linear GDN op).
 
-Each cell is the median over up to `--repeats` rounds (at least 3; fewer for cells slower than
-0.2 s) of 5 back-to-back calls between two device synchronisations (so launch latency overlaps as
-in training), after a warm-up; "fwd+bwd" is the gradient of <o, dO> for all inputs. fla's gated backward passes refuse Triton < 3.7.1 on Hopper;
+Each cell is the median over up to `--repeats` rounds (at least 3; fewer for slow cells) of 5
+back-to-back calls (1 for calls over 50 ms) between two device synchronisations (so launch latency
+overlaps as in training), after a warm-up; "fwd+bwd" is the gradient of <o, dO> for all inputs. fla's gated backward passes refuse Triton < 3.7.1 on Hopper;
 as instructed for timing only, `fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1` is set to True.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
 import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # leave GPU memory for torch
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +35,9 @@ import numpy as np
 from benchmarks.harness import device_facts, print_table, record
 from dlax import ops
 
-CALLS_PER_ROUND = 5
-SECONDS_PER_CELL = 3.0       # slow cells (the XLA DLA path) get fewer rounds, at least 3
+CALLS_PER_ROUND = 5           # 1 for cells slower than SLOW_CALL_S
+SLOW_CALL_S = 0.05
+SECONDS_PER_CELL = 3.0        # slow cells (the XLA DLA path) get fewer rounds, at least 3
 
 
 def time_ms(call, sync, repeats: int) -> float:
@@ -43,14 +48,15 @@ def time_ms(call, sync, repeats: int) -> float:
   call()
   sync()
   once = time.perf_counter() - start
-  repeats = max(3, min(repeats, int(SECONDS_PER_CELL / (once * CALLS_PER_ROUND))))
+  calls = 1 if once > SLOW_CALL_S else CALLS_PER_ROUND
+  repeats = max(3, min(repeats, int(SECONDS_PER_CELL / (once * calls))))
   rounds = []
   for _ in range(repeats):
     start = time.perf_counter()
-    for _ in range(CALLS_PER_ROUND):
+    for _ in range(calls):
       call()
     sync()
-    rounds.append((time.perf_counter() - start) * 1e3 / CALLS_PER_ROUND)
+    rounds.append((time.perf_counter() - start) * 1e3 / calls)
   return statistics.median(rounds)
 
 
@@ -164,7 +170,11 @@ def fla_timings(kind: str, x: dict, repeats: int) -> tuple:
     with torch.no_grad() if call is forward else torch.enable_grad():
       return time_ms(call, torch.cuda.synchronize, repeats)
 
-  return safe(lambda: run(forward)), safe(lambda: run(backward))
+  try:
+    return safe(lambda: run(forward)), safe(lambda: run(backward))
+  finally:
+    t.clear()
+    torch.cuda.empty_cache()
 
 
 CASES = [  # (name, dlax kind, fla kind, heads, qk groups, dk, dv)
@@ -174,6 +184,15 @@ CASES = [  # (name, dlax kind, fla kind, heads, qk groups, dk, dv)
     ("DLA-Mamba2 K=30 (48 heads, Dv=64)", "dla", "log_linear", 48, 1, 128, 64),
     ("DLA-GDN K=30 (vs GDN)", "dla_gdn", "gdn", 16, 16, 128, 128),
 ]
+
+
+def record_row(row: dict) -> None:
+  """Appends one row to `$OUT/kernels_rows.jsonl` as soon as it is measured (a run cut short by a
+  time limit keeps what it measured)."""
+  out = os.environ.get("OUT")
+  if out:
+    with open(os.path.join(out, "kernels_rows.jsonl"), "a") as f:
+      f.write(json.dumps(row) + "\n")
 
 
 def ratio(a, b):
@@ -187,10 +206,13 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--capacity", type=int, default=30)
   parser.add_argument("--cases", nargs="*", help="case names to run (default all)")
+  parser.add_argument("--impls", nargs="+", default=["pallas_triton", "chunked"],
+                      help="dlax implementations to time (the XLA path is `chunked`)")
   args = parser.parse_args()
   facts = device_facts()
   rng = np.random.default_rng(0)
   rows = []
+  started = time.perf_counter()
   for length in args.lengths:
     for name, kind, fla_kind, heads, groups, dk, dv in CASES:
       if args.cases and name not in args.cases:
@@ -199,7 +221,7 @@ def main():
       jx = to_jax({name: x[name] for name in INPUTS[kind]})
       d_out = jnp.asarray(x["d_out"], jnp.bfloat16)
       timings = {impl: jax_timings(dlax_fn(kind, impl, args.capacity, 64, heads), jx, d_out,
-                                   args.repeats)
+                                   args.repeats) if impl in args.impls else ("-", "-")
                  for impl in ("pallas_triton", "chunked")}
       timings["fla"] = fla_timings(fla_kind, x, args.repeats)
       del jx, d_out
@@ -210,7 +232,8 @@ def main():
         row["pallas/fla"] = ratio(row["pallas ms"], row["fla ms"])
         row["xla/fla"] = ratio(row["xla ms"], row["fla ms"])
         rows.append(row)
-        print(row, flush=True)
+        print(f"[{time.perf_counter() - started:.0f} s]", row, flush=True)
+        record_row(row)
   columns = ["case", "T", "pass", "pallas ms", "xla ms", "fla ms", "pallas/fla", "xla/fla"]
   print(f"\n{facts['device']}, jax {facts['jax']}, {facts['date']}, B={args.batch}, bf16")
   record("kernels", facts, rows, print_table(rows, columns))

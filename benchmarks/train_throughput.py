@@ -17,7 +17,6 @@ linear-attention state work is not counted, so their MFU is a lower bound.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax

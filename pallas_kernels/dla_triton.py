@@ -24,7 +24,9 @@ decisions). Per call, chunks laid out `[B, H, N, C, ·]`:
 Gradients reach q, k, v, g, beta (through 1 and 3, by JAX autodiff of the XLA parts), lam (through
 the gathers of 3) and the initial slot states; decisions carry none (spec §4.3 "none").
 
-Kernels take fp32/bf16 inputs and compute in fp32 (fp64 inputs run in fp64, interpret mode only).
+Kernels take fp32/bf16 inputs and accumulate in fp32 (fp64 inputs run in fp64, interpret mode
+only); for bf16 inputs the slot pass multiplies bf16 operands on tensor cores (the slot states
+stay fp32 and are rounded only as matmul operands), for fp32 inputs its products are IEEE fp32.
 Compiled, C and the head dims must be powers of two in [16, 256]; interpret mode (off GPU) takes
 any sizes.
 """
@@ -36,7 +38,7 @@ import functools
 import jax.numpy as jnp
 
 from dlax_kernels.common import triton_interpret
-from dlax_kernels.dla_common import Kernels, check_options, run
+from dlax_kernels.dla_common import Kernels, SlotInputs, check_options, run
 from dlax_kernels.dla_triton_book import bookkeeping
 from dlax_kernels.dla_triton_slots import SlotConfig, slot_pass
 
@@ -82,11 +84,25 @@ def dla(q, k, v, g, lam, beta=None, *, tau, capacity: int, chunk_size: int, scal
   dk, dv = q.shape[-1], v.shape[-1]
   cfg = SlotConfig(gdn=beta is not None, block_v=_block_v(dv), group=remat_every,
                    interpret=interpret, num_warps=4 if dk <= 64 else 8)
+  slot_pass_fn = functools.partial(slot_pass, cfg)
+  if jnp.dtype(q.dtype).itemsize == 2:
+    slot_pass_fn = functools.partial(_with_narrow_operands, slot_pass_fn, q.dtype)
   kernels = Kernels(bookkeeping=functools.partial(bookkeeping, interpret=interpret),
-                    slot_pass=functools.partial(slot_pass, cfg))
+                    slot_pass=slot_pass_fn)
   return run(kernels, q, k, v, g, lam, beta, tau=tau, capacity=capacity, chunk_size=chunk_size,
              scale=scale, score_ref=score_ref, eps=eps, eps_r=eps_r, initial_cache=initial_cache,
              segment_ids=segment_ids, decisions=decisions)
+
+
+_MATMUL_OPERANDS = ("q_tilde", "k_hat", "k_gamma", "w", "v")
+
+
+def _with_narrow_operands(slot_pass_fn, dtype, x: SlotInputs, layout):
+  """The slot pass on 16-bit matmul operands (Q̃, K̂, Kγ, W, V in the inputs' dtype; λ, γ_end and
+  the slot states stay fp32), so that its products run on tensor cores."""
+  narrow = {name: getattr(x, name).astype(dtype) for name in _MATMUL_OPERANDS
+            if getattr(x, name) is not None}
+  return slot_pass_fn(x._replace(**narrow), layout)
 
 
 def _block_v(dv: int) -> int:

@@ -68,10 +68,18 @@ class SlotConfig(NamedTuple):
 
 
 def _dot(a, b, contract=(1, 0)):
-  """`a @ b` contracting a's axis `contract[0]` with b's `contract[1]` (IEEE fp32 accumulate)."""
+  """`a @ b` contracting a's axis `contract[0]` with b's `contract[1]`, accumulated in fp32.
+
+  With a 16-bit operand (the chunk inputs of bf16 calls) both operands are rounded to it and the
+  product runs on tensor cores, as in fla's kernels (slot states stay fp32 in HBM); otherwise it
+  is IEEE fp32 (fp64 in interpret mode)."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  narrow = [x.dtype for x in (a, b) if jnp.dtype(x.dtype).itemsize == 2]
+  if narrow:
+    return lax.dot_general(a.astype(narrow[0]), b.astype(narrow[0]), dims,
+                           preferred_element_type=jnp.float32)
   acc = jnp.promote_types(jnp.float32, jnp.promote_types(a.dtype, b.dtype))
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+  return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=acc)
 
 
 def _loop(lower, upper, body, init):
@@ -114,7 +122,8 @@ def _chunk_forward(refs: SlotInputs, layout: SlotLayout, n, load, store, readout
   and, with `readout`, its output o `[C, BV]`."""
   x = _load_chunk(refs, layout, n)
   first = layout.first
-  zero = jnp.zeros((x.kh.shape[1], x.v.shape[1]), x.v.dtype)
+  acc = jnp.promote_types(jnp.float32, x.v.dtype)                       # the states' dtype
+  zero = jnp.zeros((x.kh.shape[1], x.v.shape[1]), acc)
 
   def read(j, o):
     s = load(j)
@@ -133,7 +142,7 @@ def _chunk_forward(refs: SlotInputs, layout: SlotLayout, n, load, store, readout
     return o
 
   m_pre, m_end = layout.counts[n, 0], layout.counts[n, 1]
-  o = _dot(refs.w[n], x.v) if readout else jnp.zeros((), x.v.dtype)
+  o = _dot(refs.w[n], x.v) if readout else jnp.zeros((), acc)
   o = _loop(0, m_end, block, o)
   if readout:
     o = _loop(first[n, m_end], m_pre, lambda j, o: read(j, o)[0], o)   # dropped by a reset

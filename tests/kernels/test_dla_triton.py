@@ -16,7 +16,6 @@ from _helpers import assert_close
 from dla_kernel_cases import (Case, assert_grads_close, assert_runs_close, assert_same_decisions,
                               cache_or_empty, op_options, run_op, run_op_grads, setup,
                               total_merges)
-from dlax.ops import DLACache
 from dlax_kernels import dla_triton
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +130,10 @@ def test_unsupported_inputs_raise(name):
 # GPU: compiled kernels at realistic shapes.
 
 
+def _to_float32(cache):
+  return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, cache)
+
+
 @pytest.mark.gpu
 class TestCompiledGPU:
   """Compiled (Triton) kernels. Against the XLA chunked path on the GPU at B=2, T=1000, H=4,
@@ -142,10 +145,10 @@ class TestCompiledGPU:
   @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)],
                            ids=["float32", "bfloat16"])
   def test_realistic_shapes_match_xla(self, rng, backbone, dv, dtype, rtol):
-    case = Case(backbone, 1000, 64, 30, 30, 0.6, b=2, h=4, dk=128, dv=dv, prefix=0)
-    inputs, ref, _, _ = setup(rng, case, dtype)
+    case = Case(backbone, 1000, 64, 30, 30, 0.6, b=2, h=4, dk=128, dv=dv, prefix=64)
+    inputs, ref, cache, _ = setup(rng, case, dtype)
     ref32 = tuple(None if a is None else a.astype(jnp.float32) for a in ref)
-    cache = DLACache.empty(case.b, case.h, case.capacity, case.dk, case.dv, jnp.float32)
+    cache = _to_float32(cache)               # a prefilled cache, so that dS0 is not all zeros
     cot = (jnp.asarray(rng.standard_normal((case.b, case.t, case.h, case.dv)), jnp.float32),
            jnp.asarray(rng.standard_normal(cache.S.shape), jnp.float32))
     with jax.default_matmul_precision("highest"):          # no TF32 in the XLA reference
@@ -165,8 +168,7 @@ class TestCompiledGPU:
     cot = (jnp.asarray(rng.standard_normal((case.b, case.t, case.h, case.dv)), jnp.float64),
            jnp.asarray(rng.standard_normal(cache.S.shape), jnp.float64))
     run_ref, grads_ref = run_op_grads(ref, cache, seg, None, cot, **op_options(case, "recurrent"))
-    cache32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a,
-                           cache)
+    cache32 = _to_float32(cache)
     run, grads = run_op_grads(inputs, cache32, seg, run_ref[2], cot,
                             **op_options(case, "pallas_triton"))
     msg = f"{backbone} seed={rng.bit_generator.seed_seq.entropy}"
