@@ -26,8 +26,16 @@ def device_facts() -> dict:
       "jax": jax.__version__,
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
+      "command": command_line(),
   }
+
+
+def command_line() -> str:
+  """The command that ran, with a benchmark module shown as `python -m benchmarks.<name>`."""
+  script, *args = sys.argv
+  if os.path.dirname(os.path.abspath(script)) == os.path.dirname(os.path.abspath(__file__)):
+    script = f"-m benchmarks.{os.path.splitext(os.path.basename(script))[0]}"
+  return " ".join([os.path.basename(sys.executable), script, *map(shlex.quote, args)])
 
 
 def time_fn(fn, *args, warmup: int = 2, repeats: int = 10) -> float:
