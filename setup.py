@@ -2,7 +2,9 @@
 
 `dlax/` -> `dlax`, `pallas_kernels/` -> `dlax_kernels`, `training/` -> `dlax_training`. The
 folders keep the names of the project layout; the import names carry the `dlax` prefix so that
-they cannot collide with common top-level packages such as a user's own `training`.
+they cannot collide with common top-level packages such as a user's own `training`. The YAML
+presets of `configs/` ship inside the wheel as `dlax_training/configs/` (package data), so that
+`dlax train --config tiny_demo` works from an installed dlax too.
 """
 
 from setuptools import find_packages, setup
@@ -15,6 +17,7 @@ def packages_under(name: str, folder: str) -> list[str]:
 
 
 setup(
-    packages=[p for name, folder in FOLDERS.items() for p in packages_under(name, folder)],
-    package_dir=FOLDERS,
+    packages=[p for name, folder in FOLDERS.items() for p in packages_under(name, folder)]
+    + ["dlax_training.configs"],
+    package_dir={**FOLDERS, "dlax_training.configs": "configs"},   # data: pyproject.toml
 )

@@ -54,7 +54,10 @@ from dlax.models.comet.config import CometConfig
 from dlax.models.config import ModelConfig
 from dlax.models.qwen3 import Qwen3Config
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# The presets: `dlax_training/configs/` in a wheel, `configs/` beside `training/` in a checkout.
+_HERE = pathlib.Path(__file__).resolve().parent
+CONFIG_DIR = next((d for d in (_HERE / "configs", _HERE.parent / "configs") if d.is_dir()),
+                  _HERE.parent / "configs")
 BYTE_VOCAB = 261          # dlax_training.data.ByteTokenizer: 256 bytes + 5 special tokens
 _NULLS = ("null", "none", "~")
 
