@@ -626,6 +626,12 @@ def _validate_data(config: TrainConfig) -> None:
   if data.source == "mqar" and data.mqar.byte_length > data.seq_len:
     _fail(f"an MQAR example of data.mqar ({data.mqar.byte_length} byte tokens) does not fit in "
           f"data.seq_len ({data.seq_len})")
+  if data.source == "passkey":
+    from dlax_training.data.synthetic import passkey_min_length   # data imports this module
+    needed = passkey_min_length(data.passkey.digits)
+    if needed > data.seq_len:
+      _fail(f"a passkey document (at least {needed} byte tokens without filler) does not fit in "
+            f"data.seq_len ({data.seq_len}); its question would be cut from its passkey")
 
 
 def validate(config: TrainConfig, device_count: int) -> None:

@@ -293,6 +293,9 @@ def test_comet_section_needs_weights_or_backbone():
      "data.tokenizer='byte' needs a vocabulary of >= 261 tokens, the model has 100"),
     ("tiny_demo", ["data.source=mqar"], 1,
      "an MQAR example of data.mqar (224 byte tokens) does not fit in data.seq_len (128)"),
+    ("tiny_demo", ["data.source=passkey"], 1,
+     "a passkey document (at least 249 byte tokens without filler) does not fit in "
+     "data.seq_len (128); its question would be cut from its passkey"),
     ("tiny_demo", ["schedule.warmup_steps=400"], 1,
      "schedule.warmup_steps (400) exceeds the schedule length (300"),
 ])

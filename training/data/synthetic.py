@@ -63,6 +63,12 @@ class PasskeyDocuments:
     return (prompt, False), (f" {passkey}", True)
 
 
+def passkey_min_length(digits: int = 5) -> int:
+  """Byte tokens of a passkey document without filler, as a training or evaluation row."""
+  documents = PasskeyDocuments(length=0, digits=digits, num_examples=1)
+  return len(ByteTokenizer().encode_segments(documents[0])[0])
+
+
 class MQARDocuments:
   """`num_examples` MQAR documents: `num_pairs` pairs of distinct random keys (`key_len` lowercase
   letters) and random values (`value_len` digits), then `num_queries` (default all) of the keys
