@@ -107,7 +107,7 @@ def test_comet_fine_tuning_trains_resumes_and_evaluates(tmp_path):
   resumed gives the uninterrupted run's losses, and the passkey evaluation runs chunk by chunk."""
   def config(steps: int, directory: str):
     return load_config("tiny_comet", [
-        f"steps={steps}", "schedule.total_steps=4", "schedule.warmup_steps=1", "data.seq_len=128",
+        f"steps={steps}", "schedule.total_steps=4", "schedule.warmup_steps=1", "data.seq_len=256",
         "data.global_batch_size=2", "eval.batches=1",
         "eval.passkey_lengths=[256]", "logging.progress=false", "checkpoint.every_steps=2",
         f"checkpoint.dir={tmp_path / directory}", f"logging.dir={tmp_path / directory}"])
